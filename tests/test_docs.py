@@ -1,0 +1,148 @@
+"""The docs build end to end: a tiny book (an executed chapter with a figure, equations and a table; an unexecuted
+chapter) built with Sphinx through the CLI, and the HTML checked as a reader would see it. One build, ~10 s."""
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from paperlab import docs
+from paperlab.core import repo_root
+
+md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+
+
+def png(width: int = 4, height: int = 3) -> bytes:
+    "A valid RGB PNG of a solid colour, made without any imaging library."
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    rows = b"".join(b"\x00" + b"\xcc\x33\x00" * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def write_nb(path: Path, cells: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
+
+
+def toy_cells(executed: bool) -> list:
+    "The toy chapter; with `executed`, the outputs `paperlab reproduce` would have added."
+    import base64
+    cells = [md("# Toy chapter\n\nThe loss is $L = x^2$, and in display:\n\n$$x^2$$"),
+             code("#| default_exp toy"),
+             code("#| hide\nfrom fastcore.test import test_eq"),
+             code("#| export\ndef square(x):\n    return x**2"),
+             code("plot()"),
+             code("ledger")]
+    if executed:
+        cells[4].outputs = [nbformat.v4.new_output("display_data", {"image/png": base64.b64encode(png()).decode(),
+                                                                    "text/plain": "<Figure size 640x480>"})]
+        cells[5].outputs = [nbformat.v4.new_output("execute_result", {
+            "text/markdown": "| claim | reported | measured |\n|---|---|---|\n| speed-up | 2.1 | 1.87 |",
+            "text/plain": "<Ledger>"}, execution_count=3)]
+    return cells
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    "Build the toy book once with `python -m paperlab.docs build`; return the site folder."
+    d = tmp_path_factory.mktemp("book")
+    index = [md("# Toy book\n\nTwo chapters."), code("#| hide\nimport os")]
+    write_nb(d / "nbs" / "index.ipynb", index)
+    write_nb(d / "results" / "index" / "index.ipynb", index)
+    write_nb(d / "nbs" / "10_toy.ipynb", toy_cells(executed=False))
+    write_nb(d / "results" / "toy" / "10_toy.ipynb", toy_cells(executed=True))
+    write_nb(d / "nbs" / "20_todo.ipynb", [md("# Todo chapter"), code("#| export\nanswer = 42")])
+    out = d / "site"
+    (out).mkdir()
+    (out / "stale.html").write_text("from the previous build")
+    res = subprocess.run([sys.executable, "-m", "paperlab.docs", "build", "--out", str(out),
+                          "--results", str(d / "results"), "--nbs", str(d / "nbs")],
+                         cwd=repo_root(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(out / "index.html")
+    return out
+
+
+def html(site: Path, page: str) -> str:
+    return (site / page).read_text(encoding="utf-8")
+
+
+def text(site: Path, page: str) -> str:
+    "The words of a page, tags removed and spaces collapsed."
+    return " ".join(re.sub(r"<[^>]+>", " ", html(site, page)).split())
+
+
+def test_pages_in_file_order(site):
+    index = html(site, "index.html")
+    assert index.index('href="10_toy.html"') < index.index('href="20_todo.html"')
+    assert not (site / "stale.html").exists()                      # the new site replaced the old one whole
+    assert not list(site.parent.glob(".site.build-*"))            # and left no temporary folder
+
+
+def test_figure_table_and_math(site):
+    page = html(site, "10_toy.html")
+    img = re.search(r'<img [^>]*src="(_images/[^"]+\.png)"', page)
+    assert img and (site / img.group(1)).read_bytes() == png()
+    assert re.search(r"<table[^>]*>.*<td[^>]*>(<p>)?1.87(</p>)?</td>", page, re.S)   # the markdown ledger output, as a table
+    assert r"\[x^2\]" in page and r"\(L = x^2\)" in page          # $$x^2$$ and $L = x^2$ became MathJax math
+    scripts = re.findall(r'<script[^>]*src="([^"]+)"', page)
+    mathjax = [s for s in scripts if "mathjax" in s.lower()]
+    assert mathjax == ["_static/mathjax/tex-chtml.js"] and (site / mathjax[0]).exists()
+    assert not [s for s in scripts if s.startswith(("http:", "https:", "//"))]
+
+
+def test_directives_and_hidden_cells(site):
+    for page in site.glob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert "#|" not in text and "default_exp" not in text, page.name
+        assert "fastcore.test" not in text and "import os" not in text, page.name
+    assert "square" in html(site, "10_toy.html")
+
+
+def test_unexecuted_notice(site):
+    todo = text(site, "20_todo.html")
+    assert "Not executed yet" in todo and "paperlab reproduce todo" in todo
+    assert re.search(r'<div class="(warning admonition|admonition warning)">\s*<p class="admonition-title">Not executed yet',
+                     html(site, "20_todo.html"))
+    assert "Not executed yet" not in html(site, "10_toy.html")
+    assert "out of date" not in html(site, "10_toy.html")          # the executed copy matches its source
+
+
+@pytest.mark.parametrize("failure", ["status", "interrupt"])
+def test_failed_build_keeps_previous_site(tmp_path, monkeypatch, failure):
+    "A failing or interrupted Sphinx run leaves the old site and no temporary folder (Sphinx itself is stubbed)."
+    import sphinx.cmd.build
+    write_nb(tmp_path / "nbs" / "10_a.ipynb", [md("# A")])
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("previous")
+
+    def broken(args):
+        outdir = Path(args[-1])
+        outdir.mkdir(parents=True)
+        (outdir / "index.html").write_text("half")
+        if failure == "interrupt": raise KeyboardInterrupt
+        return 1
+    monkeypatch.setattr(sphinx.cmd.build, "build_main", broken)
+    with pytest.raises(KeyboardInterrupt if failure == "interrupt" else RuntimeError):
+        docs.build_docs(tmp_path / "site", results=tmp_path / "results", nbs=tmp_path / "nbs")
+    assert (tmp_path / "site" / "index.html").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_build", "nbs", "site"]
+
+
+def test_readme_cli(tmp_path):
+    "`python -m paperlab.docs readme` writes the index's prose and its markdown ledger, hiding code."
+    write_nb(tmp_path / "index.ipynb", [md("# Toy book"), *toy_cells(executed=True)[1:]])
+    res = subprocess.run([sys.executable, "-m", "paperlab.docs", "readme", "--out", str(tmp_path / "README.md"),
+                          "--nb", str(tmp_path / "index.ipynb")], cwd=repo_root(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith(docs.README_HEADER + "\n\n# Toy book\n")
+    assert "| speed-up | 2.1 | 1.87 |" in text
+    assert "def square" not in text and "<Figure" not in text and "<Ledger>" not in text
