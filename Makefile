@@ -22,7 +22,7 @@ install: $(STAMP)
 
 test: install
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	  PAPERLAB_MODE=quick PAPERLAB_RESULTS="$$tmp" $(BIN)/nbdev_test --n_workers 2 --timing && \
+	  OMP_NUM_THREADS=1 PAPERLAB_MODE=quick PAPERLAB_RESULTS="$$tmp" $(BIN)/nbdev_test --n_workers 2 --timing && \
 	  PAPERLAB_MODE=quick PAPERLAB_RESULTS="$$tmp" $(PY) -m pytest -q tests
 
 book: install

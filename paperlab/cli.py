@@ -18,22 +18,16 @@ import nbformat
 from tqdm.auto import tqdm
 
 from .core import MODES, atomic_write, get_mode, repo_root, results_dir
+from .docs import chapter_name
 from .ledger import Ledger, all_ledgers, ledgers_markdown
 
 # %% auto #0
-__all__ = ['nbs_dir', 'chapter_name', 'chapters', 'resolve_chapters', 'run_chapter', 'parser', 'main']
+__all__ = ['nbs_dir', 'chapters', 'resolve_chapters', 'run_chapter', 'parser', 'main']
 
 # %% ../nbs/06_cli.ipynb #d21c3953
 def nbs_dir() -> Path:
     "The notebooks folder of the checkout (`nbs_path` of settings.ini)."
     return repo_root() / "nbs"
-
-
-def chapter_name(nb: Path) -> str:
-    "`10_inline.ipynb` -> `inline`; `index.ipynb` -> `index`."
-    stem = Path(nb).stem
-    head, _, rest = stem.partition("_")
-    return rest if head.isdigit() and rest else stem
 
 
 def chapters(nbs: Path | None = None) -> dict[str, Path]:
