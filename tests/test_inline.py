@@ -1,0 +1,91 @@
+"""InLine chapter: every registered model against the paper's counts, attention forms against their references, bad inputs."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from paperlab.attention import ATTENTION, get_attention
+from paperlab.core import count_flops, count_params, get_mode
+from paperlab.inline import (MODEL_CONFIGS, InLineAttention, create_inline_model, depthwise_per_image,
+                             depthwise_per_image_ref, parse_attn_types, tiny_vit)
+
+PAPER = json.loads((Path(__file__).resolve().parent.parent / "data" / "inline" / "paper_numbers.json").read_text())["models"]
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_full_size_model_matches_official_counts(name):
+    # official code built with random weights (issue 3): e.g. InLine-DeiT-T 6.48M / 1.11 G, InLine-Swin-B 88.35M / 15.40 G
+    model = timm.create_model(name)
+    size = MODEL_CONFIGS[name].img_size
+    params_m = count_params(model) / 1e6
+    flops_g = count_flops(model, torch.randn(1, 3, size, size)).giga
+    assert abs(params_m / PAPER[name]["counted_params_M"] - 1) < 0.01, params_m
+    assert abs(flops_g / PAPER[name]["counted_flops_G"] - 1) < 0.05, flops_g
+
+
+def test_registered_with_timm():
+    assert set(MODEL_CONFIGS) <= set(timm.list_models("inline_*"))
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+@pytest.mark.parametrize("n,m", [(7, 7), (5, 11)])
+def test_fast_form_equals_reference(name, n, m):
+    fast, weights = get_attention(name)
+    g = torch.Generator().manual_seed(n * m)
+    q, k, v = torch.randn(2, 3, n, 8, generator=g), torch.randn(2, 3, m, 8, generator=g), torch.randn(2, 3, m, 5, generator=g)
+    torch.testing.assert_close(fast(q, k, v), weights(q, k) @ v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+def test_mismatched_qkv_is_a_clear_error(name):
+    fast, _ = get_attention(name)
+    with pytest.raises(ValueError, match=r"\(1, 2, 4, 8\)"):
+        fast(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 6), torch.zeros(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="token count"):
+        fast(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 3, 8))
+
+
+def test_local_term_reference_and_grid_errors():
+    v, w = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(depthwise_per_image(v, w), depthwise_per_image_ref(v, w))
+    with pytest.raises(ValueError, match="square grid"):
+        InLineAttention(32, 2)(torch.randn(1, 1 + 15, 32))
+    with pytest.raises(ValueError, match=r"\(B, N, C\)"):
+        InLineAttention(32, 2)(torch.randn(16, 32))
+
+
+def test_local_term_changes_only_patch_tokens():
+    torch.manual_seed(0)
+    with_local = InLineAttention(32, 2, local=True).eval()
+    without = InLineAttention(32, 2, local=False).eval()
+    without.load_state_dict({k: v for k, v in with_local.state_dict().items() if not k.startswith("local.")})
+    x = torch.randn(2, 1 + 16, 32)
+    with torch.no_grad():
+        a, b = with_local(x), without(x)
+    torch.testing.assert_close(a[:, 0], b[:, 0])          # class token: global term only
+    assert (a[:, 1:] - b[:, 1:]).abs().max() > 1e-3        # patch tokens: plus the local term
+
+
+def test_unknown_names_and_modes():
+    with pytest.raises(ValueError, match="unknown InLine model"):
+        create_inline_model("inline_deit_large")
+    with pytest.raises(ValueError, match="unknown attention"):
+        tiny_vit("cosine", False)
+    with pytest.raises(ValueError, match="unknown mode"):
+        get_mode("slow")
+    with pytest.raises(ValueError, match="random weights only"):
+        timm.create_model("inline_swin_tiny", pretrained=True)
+    with pytest.raises(ValueError, match="I/S/M"):
+        parse_attn_types("IIX", (2, 2, 6))
+
+
+def test_swin_base_mixed_stage():
+    # official IIMS2: stage 3 has 2 InLine blocks (whole 14x14 map, no shift), then 16 shifted 7x7 softmax windows
+    model = create_inline_model("inline_swin_base")
+    blocks = model.layers[2].blocks
+    kinds = ["I" if isinstance(b.attn, InLineAttention) else "S" for b in blocks]
+    assert kinds == parse_attn_types("IIMS2", (2, 2, 18, 2))[2] == ["I", "I"] + ["S"] * 16
+    assert tuple(blocks[0].window_size) == (14, 14) and tuple(blocks[0].shift_size) == (0, 0)
+    assert tuple(blocks[3].window_size) == (7, 7) and tuple(blocks[3].shift_size) == (3, 3)
