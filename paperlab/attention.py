@@ -15,7 +15,7 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['LINEAR_KERNELS', 'ATTENTION', 'check_qkv', 'softmax_attention_weights', 'softmax_attention',
            'linear_attention_weights', 'linear_attention', 'inline_attention_weights', 'inline_attention',
-           'get_attention', 'attention_macs']
+           'mediator_attention_weights', 'mediator_attention', 'get_attention', 'attention_macs']
 
 # %% ../nbs/04_attention.ipynb #332b5d30
 def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> None:
@@ -94,11 +94,34 @@ def inline_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     return (_scale(q, scale) / n) * (q @ kv) + v.mean(-2, keepdim=True)
 
 # %% ../nbs/04_attention.ipynb #80e19fdd
+def _check_mediators(q: Tensor, m: Tensor) -> None:
+    "Raise ValueError unless mediators m `(B, H, M, d)` match q `(B, H, N, d)` in batch, heads and head dim."
+    if m.dim() != 4 or m.shape[:2] != q.shape[:2] or m.shape[-1] != q.shape[-1]:
+        raise ValueError(f"mediators must be (B, H, M, d) matching q {tuple(q.shape)} in B, H and d; got {tuple(m.shape)}")
+
+
+def mediator_attention_weights(q: Tensor, k: Tensor, m: Tensor, scale: float | None = None) -> Tensor:
+    "Implied N×N matrix softmax(s·q mᵀ) softmax(s·m kᵀ): (B, H, N, d), (B, H, N, d), (B, H, M, d) -> (B, H, N, N)."
+    check_qkv(q, k)
+    _check_mediators(q, m)
+    return softmax_attention_weights(q, m, scale) @ softmax_attention_weights(m, k, scale)
+
+
+def mediator_attention(q: Tensor, k: Tensor, v: Tensor, m: Tensor, scale: float | None = None) -> Tensor:
+    "Two-step mediator attention in O(N·M·d), never forming N×N: (B, H, N, d) ×3, (B, H, M, d) -> (B, H, N, e)."
+    check_qkv(q, k, v)
+    _check_mediators(q, m)
+    s = _scale(q, scale)
+    v_m = F.scaled_dot_product_attention(m, k, v, scale=s)       # mediators gather from the keys
+    return F.scaled_dot_product_attention(q, m, v_m, scale=s)     # queries read from the mediators
+
+# %% ../nbs/04_attention.ipynb #6259f795
 ATTENTION: dict[str, tuple[Callable, Callable]] = {
     "softmax": (softmax_attention, softmax_attention_weights),
     "linear": (linear_attention, linear_attention_weights),
     "inline": (inline_attention, inline_attention_weights),
 }
+# mediator attention takes a fourth argument (the mediators), so it is not in this q/k/v registry
 
 
 def get_attention(name: str) -> tuple[Callable, Callable]:
