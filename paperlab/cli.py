@@ -99,11 +99,15 @@ def run_chapter(name: str, nb_path: Path, mode: str | None = None, results: Path
 def _list(args) -> int:
     "Print every chapter with its claim count and the verdicts of its last run."
     ledgers = all_ledgers(args.results)
+    results = Path(args.results) if args.results else results_dir()
     print(f"{'chapter':<12} {'notebook':<22} {'claims':>6}  last run")
     for name, path in chapters(args.nbs).items():
         led = ledgers.get(name)
         if led is None:
-            print(f"{name:<12} {path.name:<22} {'—':>6}  not run yet")
+            executed = results / name / path.name
+            ran = nbformat.read(executed, as_version=4).metadata.get("paperlab", {}) if executed.exists() else None
+            status = f"{ran.get('mode', '?')} mode, {ran.get('seconds', '?')} s, no claims" if ran else "not run yet"
+            print(f"{name:<12} {path.name:<22} {'—':>6}  {status}")
             continue
         counts = ", ".join(f"{v} {k}" for k, v in led.counts().items())
         print(f"{name:<12} {path.name:<22} {len(led):>6}  {led.meta.get('mode', '?')} mode, {led.meta.get('written', '?')}: {counts}")
