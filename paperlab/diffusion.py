@@ -154,8 +154,9 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, cfg.hidden_size)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size)
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, cfg.hidden_size)   # last row: the null class
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)[None],
-                             persistent=False)
+        # a frozen parameter, as in the official DiT/SiT code, so parameter counts match theirs
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)[None],
+                                      requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, attn_factory)
                                      for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
