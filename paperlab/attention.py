@@ -15,7 +15,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['LINEAR_KERNELS', 'ATTENTION', 'check_qkv', 'softmax_attention_weights', 'softmax_attention',
            'linear_attention_weights', 'linear_attention', 'inline_attention_weights', 'inline_attention',
-           'mediator_attention_weights', 'mediator_attention', 'get_attention', 'attention_macs']
+           'mediator_weights_pair', 'mediator_attention_weights', 'mediator_attention', 'get_attention',
+           'attention_macs']
 
 # %% ../nbs/04_attention.ipynb #332b5d30
 def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> None:
@@ -100,20 +101,32 @@ def _check_mediators(q: Tensor, m: Tensor) -> None:
         raise ValueError(f"mediators must be (B, H, M, d) matching q {tuple(q.shape)} in B, H and d; got {tuple(m.shape)}")
 
 
-def mediator_attention_weights(q: Tensor, k: Tensor, m: Tensor, scale: float | None = None) -> Tensor:
-    "Implied N×N matrix softmax(s·q mᵀ) softmax(s·m kᵀ): (B, H, N, d), (B, H, N, d), (B, H, M, d) -> (B, H, N, N)."
+def mediator_weights_pair(q: Tensor, k: Tensor, m: Tensor, scale: float | None = None,
+                          bias_mk: Tensor | None = None, bias_qm: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    "The two softmax matrices: queries→mediators (B, H, N, M) and mediators→keys (B, H, M, N), with optional additive biases."
     check_qkv(q, k)
     _check_mediators(q, m)
-    return softmax_attention_weights(q, m, scale) @ softmax_attention_weights(m, k, scale)
+    s = _scale(q, scale)
+    a_mk = s * m @ k.transpose(-2, -1) + (0 if bias_mk is None else bias_mk)
+    a_qm = s * q @ m.transpose(-2, -1) + (0 if bias_qm is None else bias_qm)
+    return torch.softmax(a_qm, -1), torch.softmax(a_mk, -1)
 
 
-def mediator_attention(q: Tensor, k: Tensor, v: Tensor, m: Tensor, scale: float | None = None) -> Tensor:
+def mediator_attention_weights(q: Tensor, k: Tensor, m: Tensor, scale: float | None = None,
+                               bias_mk: Tensor | None = None, bias_qm: Tensor | None = None) -> Tensor:
+    "Implied N×N matrix softmax(s·q mᵀ + b_qm) softmax(s·m kᵀ + b_mk): (B, H, N, d), (B, H, N, d), (B, H, M, d) -> (B, H, N, N)."
+    w_qm, w_mk = mediator_weights_pair(q, k, m, scale, bias_mk, bias_qm)
+    return w_qm @ w_mk
+
+
+def mediator_attention(q: Tensor, k: Tensor, v: Tensor, m: Tensor, scale: float | None = None,
+                       bias_mk: Tensor | None = None, bias_qm: Tensor | None = None) -> Tensor:
     "Two-step mediator attention in O(N·M·d), never forming N×N: (B, H, N, d) ×3, (B, H, M, d) -> (B, H, N, e)."
     check_qkv(q, k, v)
     _check_mediators(q, m)
     s = _scale(q, scale)
-    v_m = F.scaled_dot_product_attention(m, k, v, scale=s)       # mediators gather from the keys
-    return F.scaled_dot_product_attention(q, m, v_m, scale=s)     # queries read from the mediators
+    v_m = F.scaled_dot_product_attention(m, k, v, attn_mask=bias_mk, scale=s)       # mediators gather from the keys
+    return F.scaled_dot_product_attention(q, m, v_m, attn_mask=bias_qm, scale=s)    # queries read from the mediators
 
 # %% ../nbs/04_attention.ipynb #6259f795
 ATTENTION: dict[str, tuple[Callable, Callable]] = {
