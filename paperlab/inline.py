@@ -20,7 +20,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 from .attention import attention_macs, get_attention, inline_attention
-from .core import repo_root
+from .core import count_flops, count_params, repo_root
 
 # %% auto #0
 __all__ = ['MODEL_CONFIGS', 'VARIANTS', 'row_distance', 'collision_rate', 'centred_rank', 'plot_collinear_queries', 'LocalKernel',

@@ -89,3 +89,10 @@ def test_swin_base_mixed_stage():
     assert kinds == parse_attn_types("IIMS2", (2, 2, 18, 2))[2] == ["I", "I"] + ["S"] * 16
     assert tuple(blocks[0].window_size) == (14, 14) and tuple(blocks[0].shift_size) == (0, 0)
     assert tuple(blocks[3].window_size) == (7, 7) and tuple(blocks[3].shift_size) == (3, 3)
+
+
+def test_model_cost_works_from_the_package():
+    # the exported helper must not depend on names the notebook imported elsewhere
+    from paperlab.inline import model_cost
+    cost = model_cost("inline_deit_tiny")
+    assert abs(cost["params_M"] / PAPER["inline_deit_tiny"]["counted_params_M"] - 1) < 0.01
