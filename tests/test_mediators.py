@@ -51,3 +51,16 @@ def test_dynamic_sampler_rejects_bad_settings():
         dynamic_euler_sample(models, [-0.5], y, steps=5)
     with pytest.raises(ValueError, match="first_several"):
         dynamic_euler_sample(models, [0.5], y, steps=3, first_several=3)
+
+
+def test_both_softmax_steps_are_row_stochastic_and_compose_to_the_implied_matrix():
+    from paperlab.attention import mediator_attention_weights, mediator_weights_pair
+    g = torch.Generator().manual_seed(0)
+    q, k, m = torch.randn(2, 3, 20, 8, generator=g), torch.randn(2, 3, 20, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g)
+    w_qm, w_mk = mediator_weights_pair(q, k, m)
+    torch.testing.assert_close(w_qm.sum(-1), torch.ones(2, 3, 20))
+    torch.testing.assert_close(w_mk.sum(-1), torch.ones(2, 3, 4))
+    # naive: explicit exponentials and normalisation, then the product
+    e_qm = torch.exp(q @ m.transpose(-2, -1) / 8 ** 0.5); e_mk = torch.exp(m @ k.transpose(-2, -1) / 8 ** 0.5)
+    naive = (e_qm / e_qm.sum(-1, keepdim=True)) @ (e_mk / e_mk.sum(-1, keepdim=True))
+    torch.testing.assert_close(mediator_attention_weights(q, k, m), naive)
