@@ -382,7 +382,7 @@ def sample_with_gates(model: DyDiT, y: Tensor, steps: int, seed: int = 0) -> tup
                      step_callback=lambda i, x: record.append(list(model.gates)))
     return s, record
 
-# %% ../nbs/12_dydit.ipynb #0be2df9d
+# %% ../nbs/12_dydit.ipynb #09463bb2
 def width_curves(model: DyDiT, timesteps: Sequence[float]) -> pd.DataFrame:
     "Active heads and MLP channels of every block at each timestep: rows (t, block, heads, channels)."
     import pandas as pd
@@ -392,7 +392,7 @@ def width_curves(model: DyDiT, timesteps: Sequence[float]) -> pd.DataFrame:
             rows.append({"t": float(t), "block": b, "heads": len(hi), "channels": len(gi) * model.blocks[b].group_size})
     return pd.DataFrame(rows)
 
-# %% ../nbs/12_dydit.ipynb #6f092eba
+# %% ../nbs/12_dydit.ipynb #9884cc65
 def sdt_keep_map(step_gates: Sequence[BlockGates], sample: int, side: int) -> Tensor:
     "Fraction of blocks in which each token of one sample keeps its MLP at one step: -> (side, side)."
     return torch.stack([g.tokens[sample] for g in step_gates]).mean(0).reshape(side, side)
