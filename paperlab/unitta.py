@@ -114,6 +114,12 @@ class Scenario:
         "True for the paper's 24 evaluated scenarios (every scenario but class-continual ones)."
         return self.code[0] != "1"
 
+    def transition_matrix(self) -> np.ndarray:
+        "The joint (D·K, D·K) matrix the sampler walks (constant factors where a dimension is incompatible)."
+        return joint_transition_matrix(
+            transition_matrix(self.num_domains, self.domain_correlation, self.domain_imbalance, strict=False),
+            transition_matrix(self.num_classes, self.class_correlation, self.class_imbalance, strict=False))
+
     @property
     def description(self) -> str:
         "The scenario in words: 'class: non-i.i.d., imbalanced; domain: continual, balanced'."
@@ -159,6 +165,10 @@ class Stream:
 
     def __len__(self) -> int: return len(self.indices)
 
+    def __iter__(self):
+        "Dataset indices in stream order, so a stream is a `sampler` for a DataLoader."
+        return iter(self.indices.tolist())
+
 
 def _labels_array(a, name: str, n: int) -> np.ndarray:
     "`a` as a 1-D int64 array with values in [0, n); ValueError otherwise."
@@ -188,8 +198,7 @@ def sample_stream(domains, classes, sc: Scenario, max_state_samples: int, seed: 
 
     ok = {"domain": compatible(D, sc.domain_correlation, sc.domain_imbalance),
           "class": compatible(K, sc.class_correlation, sc.class_imbalance)}
-    T = joint_transition_matrix(transition_matrix(D, sc.domain_correlation, sc.domain_imbalance, strict=False),
-                                transition_matrix(K, sc.class_correlation, sc.class_imbalance, strict=False))
+    T = sc.transition_matrix()
     R = np.outer(ratio_list(D, sc.domain_imbalance), ratio_list(K, sc.class_imbalance))
     quota = None if ok["domain"] and ok["class"] else np.round(max_state_samples * R / R[0, 0])
     cont_d, cont_c = sc.domain_correlation == 1.0, sc.class_correlation == 1.0
@@ -564,7 +573,7 @@ def run_stream(method, ds: TensorDataset, stream: Stream, batch_size: int = 32) 
     yy = y[torch.as_tensor(stream.indices)].numpy()
     return dict(acc=float((pred == yy).mean()), cat_acc=cat_avg_accuracy(pred, yy, stream.domains), pred=pred)
 
-# %% ../nbs/20_unitta.ipynb #6dce0fbe
+# %% ../nbs/20_unitta.ipynb #023fe611
 def paper_numbers() -> dict:
     "The paper's and the official code's numbers, shipped in `data/unitta/paper_numbers.json`."
     return json.loads((repo_root() / "data" / "unitta" / "paper_numbers.json").read_text())
