@@ -573,7 +573,7 @@ def run_stream(method, ds: TensorDataset, stream: Stream, batch_size: int = 32) 
     yy = y[torch.as_tensor(stream.indices)].numpy()
     return dict(acc=float((pred == yy).mean()), cat_acc=cat_avg_accuracy(pred, yy, stream.domains), pred=pred)
 
-# %% ../nbs/20_unitta.ipynb #023fe611
+# %% ../nbs/20_unitta.ipynb #ecec7324
 def paper_numbers() -> dict:
     "The paper's and the official code's numbers, shipped in `data/unitta/paper_numbers.json`."
     return json.loads((repo_root() / "data" / "unitta" / "paper_numbers.json").read_text())
