@@ -238,3 +238,19 @@ def test_methods_run_and_leave_the_source_model_alone():
 def test_cat_avg_accuracy_bad_shapes():
     with pytest.raises(ValueError, match="same shape"):
         cat_avg_accuracy(np.zeros(3), np.zeros(4), np.zeros(3))
+
+
+def test_continual_orders():
+    d, k = labels(3, 4, 5)
+    s = sample_stream(d, k, scenario("11i1", 3, 4), 6, seed=0)            # class-continual: classes in order, once each
+    assert visit_order(s.classes) == [0, 1, 2, 3]
+    s = sample_stream(d, k, scenario("1111", 3, 4), 6, seed=0)            # both continual: states in (domain, class) order
+    assert visit_order(s.domains * 4 + s.classes) == list(range(12))
+    np.testing.assert_array_equal(s.counts, s.quota)
+
+
+def test_scenario_matrix_is_the_kronecker_product():
+    sc = scenario("nuiu", 4, 5)
+    T = sc.transition_matrix()
+    np.testing.assert_allclose(T, np.kron(transition_matrix(4, 0.25, 5, strict=False), transition_matrix(5, 0.95, 10)))
+    np.testing.assert_allclose(T.sum(1), 1)
