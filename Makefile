@@ -9,7 +9,7 @@ STAMP := $(VENV)/.paperlab-installed
 # torch and torchvision go in first, as the pinned pair named in settings.ini (the one place versions are pinned)
 TORCH_PINS := $(shell sed -n 's/^torch_pins *= *//p' settings.ini)
 
-.PHONY: book test install export clean-nbs readme docs reproduce-quick clean
+.PHONY: book test lint install export clean-nbs readme docs reproduce-quick clean
 
 $(STAMP): settings.ini setup.py
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -20,7 +20,11 @@ $(STAMP): settings.ini setup.py
 
 install: $(STAMP)
 
-test: install
+# the exported package must stand without its notebooks: undefined, unused and redefined names fail the build
+lint: install
+	$(PY) -m ruff check --select F821,F811,F401 --exclude _modidx.py paperlab
+
+test: install lint
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  OMP_NUM_THREADS=1 PAPERLAB_MODE=quick PAPERLAB_RESULTS="$$tmp" $(BIN)/nbdev_test --n_workers 2 --timing && \
 	  PAPERLAB_MODE=quick PAPERLAB_RESULTS="$$tmp" $(PY) -m pytest -q tests
