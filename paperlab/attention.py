@@ -5,18 +5,18 @@
 # %% ../nbs/04_attention.ipynb #dc454af4
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['LINEAR_KERNELS', 'ATTENTION', 'check_qkv', 'softmax_attention_weights', 'softmax_attention',
-           'linear_attention_weights', 'linear_attention', 'inline_attention_weights', 'inline_attention',
-           'mediator_weights_pair', 'mediator_attention_weights', 'mediator_attention', 'get_attention',
-           'attention_macs']
+           'linear_attention_weights', 'linear_attention', 'inline_attention_weights', 'inline_attention_centred',
+           'inline_attention', 'memory_floor', 'compiled_inline_attention', 'mediator_weights_pair',
+           'mediator_attention_weights', 'mediator_attention', 'get_attention', 'attention_macs', 'check_heads',
+           'split_heads', 'merge_heads', 'QKVAttention']
 
 # %% ../nbs/04_attention.ipynb #332b5d30
 def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> None:
@@ -87,12 +87,38 @@ def inline_attention_weights(q: Tensor, k: Tensor, scale: float | None = None) -
     return _scale(q, scale) / n * (scores - scores.mean(-1, keepdim=True)) + 1.0 / n
 
 
-def inline_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
-    "InLine attention in O(N d e) through (k − k̄)ᵀv: (B, H, N, d) ×3 -> (B, H, N, e)."
+def inline_attention_centred(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    "InLine attention in O(N d e), written as the equation: centred keys (k − k̄)ᵀv materialised: (B, H, N, d) ×3 -> (B, H, N, e)."
     check_qkv(q, k, v)
     n = k.shape[-2]
     kv = (k - k.mean(-2, keepdim=True)).transpose(-2, -1) @ v     # (B, H, d, e)
     return (_scale(q, scale) / n) * (q @ kv) + v.mean(-2, keepdim=True)
+
+
+def inline_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    "InLine attention, fused: one pass over k and v for kᵀv − (Σk)ᵀv̄, scale folded in, one matmul adding v̄: (B, H, N, d) ×3 -> (B, H, N, e)."
+    check_qkv(q, k, v)
+    n = k.shape[-2]
+    v_mean = v.mean(-2, keepdim=True)                                        # (B, H, 1, e)
+    kv = k.transpose(-2, -1) @ v                                             # (B, H, d, e)
+    kv = (kv - k.sum(-2).unsqueeze(-1) * v_mean) * (_scale(q, scale) / n)   # d×e work only: (kᵀv − (Σk)ᵀv̄)·s/N
+    if q.is_contiguous():  # baddbmm adds v̄ while it writes the output: no second pass over the N×e result
+        b, h, _, d = q.shape
+        out = torch.baddbmm(v_mean.reshape(b * h, 1, -1), q.reshape(b * h, -1, d), kv.reshape(b * h, d, -1))
+        return out.reshape(b, h, -1, out.shape[-1])
+    return torch.matmul(q, kv).add_(v_mean)
+
+
+def memory_floor(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    "The least any attention over these tensors can do: read q, k and v once and write one output of q's size (a fused q + k·v)."
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"memory_floor needs q, k and v of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return torch.addcmul(q, k, v)
+
+
+def compiled_inline_attention() -> Callable:
+    "The fused InLine attention under `torch.compile` (built on first call; needs a C++ compiler on CPU)."
+    return torch.compile(inline_attention, dynamic=False)
 
 # %% ../nbs/04_attention.ipynb #80e19fdd
 def _check_mediators(q: Tensor, m: Tensor) -> None:
@@ -148,3 +174,46 @@ def attention_macs(name: str, n: int, d: int) -> int:
     "Multiply-adds of the token mixing of one head over `n` tokens of dimension `d` (q·k and the value product)."
     get_attention(name)
     return 2 * n * n * d if name == "softmax" else 2 * n * d * d
+
+# %% ../nbs/04_attention.ipynb #60f4e4a5
+def check_heads(dim: int, num_heads: int) -> int:
+    "The head dimension dim / num_heads; ValueError unless both are positive and the width splits evenly."
+    if num_heads < 1 or dim < 1:
+        raise ValueError(f"dim and num_heads must be positive, got dim={dim}, num_heads={num_heads}")
+    if dim % num_heads:
+        raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+    return dim // num_heads
+
+
+def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    "Split a fused projection into heads: (B, N, 3C) -> q, k, v each (B, H, N, C/H)."
+    b, n, c3 = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+def merge_heads(o: Tensor) -> Tensor:
+    "Merge heads back: (B, H, N, d) -> (B, N, H·d)."
+    b, h, n, d = o.shape
+    return o.transpose(1, 2).reshape(b, n, h * d)
+
+
+class QKVAttention(nn.Module):
+    "Shared start and end of a multi-head attention: fused `qkv` projection split into heads, and `proj` after merging."
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, check_heads(dim, num_heads)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        "(B, N, C) -> q, k, v each (B, H, N, d)."
+        return split_heads(self.qkv(x), self.num_heads)
+
+    def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        "The token mixing, (B, H, N, d) ×3 -> (B, H, N, d): softmax attention here; subclasses override it."
+        return softmax_attention(q, k, v)
+
+    def forward(self, x: Tensor) -> Tensor:
+        "(B, N, C) -> (B, N, C)."
+        return self.proj(merge_heads(self.mix(*self.heads(x))))

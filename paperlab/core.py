@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import random
 import statistics
 import tempfile
@@ -17,13 +18,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 # %% auto #0
-__all__ = ['MODES', 'get_mode', 'by_mode', 'seed_everything', 'repo_root', 'results_dir', 'atomic_write', 'save_figure',
-           'count_params', 'FlopCount', 'count_flops', 'SpeedComparison', 'compare_speed', 'peak_memory']
+__all__ = ['MODES', 'get_mode', 'by_mode', 'seed_everything', 'machine_info', 'deterministic', 'repo_root', 'results_dir',
+           'atomic_write', 'save_figure', 'count_params', 'FlopCount', 'count_flops', 'median_interval',
+           'SpeedComparison', 'compare_speed', 'speed_table', 'peak_memory']
 
 # %% ../nbs/00_core.ipynb #b797037b
 MODES = ("quick", "full")
@@ -49,6 +52,32 @@ def seed_everything(seed: int = 0) -> int:
     torch.manual_seed(seed)  # also seeds every CUDA device
     os.environ["PYTHONHASHSEED"] = str(seed)
     return seed
+
+# %% ../nbs/00_core.ipynb #97bf4680
+def _cpu_name() -> str:
+    "The CPU's model name (from /proc/cpuinfo where there is one)."
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    "What a timing or a float result depends on: torch's thread count, the CPU, the core count and the versions."
+    return {"threads": torch.get_num_threads(), "cpu": _cpu_name(), "cores": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def deterministic(threads: int = 1, seed: int | None = None) -> dict:
+    "Fix torch's thread count, use deterministic algorithms, optionally seed; return `machine_info()`."
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    if seed is not None: seed_everything(seed)
+    return machine_info()
 
 # %% ../nbs/00_core.ipynb #46fac282
 def repo_root() -> Path:
@@ -129,18 +158,54 @@ def count_flops(model: Callable, *inputs: Any, **kwargs: Any) -> FlopCount:
     return FlopCount(total=counter.get_total_flops() // 2, by_op=by_op)
 
 # %% ../nbs/00_core.ipynb #eb4f82f4
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    "Distribution-free interval for the median: order statistics k and n−k+1 with binomial coverage ≥ `confidence` (min/max when n is too small)."
+    x = sorted(values)
+    n = len(x)
+    if n == 0: raise ValueError("median_interval needs at least one value")
+    k = int(stats.binom.ppf((1 - confidence) / 2, n, 0.5))  # P(Binom(n, 1/2) < k) <= (1 - confidence) / 2
+    if k >= 1 and stats.binom.cdf(k - 1, n, 0.5) > (1 - confidence) / 2: k -= 1
+    k = max(k, 1)
+    return x[k - 1], x[n - k]
+
+
 @dataclass
 class SpeedComparison:
-    "Median times (seconds) of a baseline and a candidate; `ratio` > 1 means the candidate is faster."
-    baseline_s: float
-    candidate_s: float
+    "Times (seconds) of a baseline and a candidate run alternately; `ratio` > 1 means the candidate is faster."
     baseline_times: list[float]
     candidate_times: list[float]
+    threads: int = field(default_factory=torch.get_num_threads)
+
+    def __post_init__(self):
+        if len(self.baseline_times) != len(self.candidate_times) or not self.baseline_times:
+            raise ValueError("a speed comparison needs as many baseline as candidate times, at least one of each")
+
+    @property
+    def baseline_s(self) -> float: return statistics.median(self.baseline_times)
+
+    @property
+    def candidate_s(self) -> float: return statistics.median(self.candidate_times)
+
+    @property
+    def ratios(self) -> list[float]:
+        "Paired ratios baseline / candidate, one per alternation."
+        return [b / c for b, c in zip(self.baseline_times, self.candidate_times)]
 
     @property
     def ratio(self) -> float:
-        "Speed-up of the candidate over the baseline: baseline time / candidate time."
-        return self.baseline_s / self.candidate_s
+        "Speed-up of the candidate over the baseline: the median paired ratio."
+        return statistics.median(self.ratios)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        "95% distribution-free confidence interval of the median paired ratio."
+        return median_interval(self.ratios)
+
+    def describe(self) -> str:
+        "One line: the ratio, its interval, the repeats and the thread count."
+        lo, hi = self.interval
+        return (f"{self.ratio:.3g}× [95% CI {lo:.3g}, {hi:.3g}] over {len(self.ratios)} interleaved repeats, "
+                f"{self.threads} thread(s); medians {self.baseline_s*1e3:.3g} ms vs {self.candidate_s*1e3:.3g} ms")
 
 
 def _time_once(fn: Callable, inputs: Sequence[Any]) -> float:
@@ -153,7 +218,7 @@ def _time_once(fn: Callable, inputs: Sequence[Any]) -> float:
 
 def compare_speed(baseline: Callable, candidate: Callable, *inputs: Any,
                   repeats: int = 10, warmup: int = 2) -> SpeedComparison:
-    "Time `baseline(*inputs)` and `candidate(*inputs)` alternately in this process; medians and raw times."
+    "Time `baseline(*inputs)` and `candidate(*inputs)` alternately in this process; raw times, paired ratios and their interval."
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     for _ in range(warmup):
@@ -161,7 +226,17 @@ def compare_speed(baseline: Callable, candidate: Callable, *inputs: Any,
     tb, tc = [], []
     for _ in range(repeats):
         tb.append(_time_once(baseline, inputs)); tc.append(_time_once(candidate, inputs))
-    return SpeedComparison(statistics.median(tb), statistics.median(tc), tb, tc)
+    return SpeedComparison(tb, tc)
+
+
+def speed_table(comparisons: dict[str, SpeedComparison]):
+    "A DataFrame of named comparisons (ratio, interval, repeats, threads); refuses runs made with different thread counts."
+    import pandas as pd
+    threads = {name: c.threads for name, c in comparisons.items()}
+    if len(set(threads.values())) > 1:
+        raise ValueError(f"these runs used different thread counts and are not comparable: {threads}")
+    return pd.DataFrame([{"name": n, "ratio": c.ratio, "lo": c.interval[0], "hi": c.interval[1],
+                          "repeats": len(c.ratios), "threads": c.threads} for n, c in comparisons.items()]).set_index("name")
 
 # %% ../nbs/00_core.ipynb #6a7b82da
 class _StorageTracker(TorchDispatchMode):

@@ -8,19 +8,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Sequence
 
-from .core import atomic_write, get_mode, results_dir
+from scipy import stats
+
+from .core import SpeedComparison, atomic_write, get_mode, machine_info, results_dir
 
 # %% auto #0
 __all__ = ['VERDICTS', 'RULE_KINDS', 'Rule', 'within', 'above', 'below', 'holds', 'untestable', 'compute_verdict', 'Claim',
-           'Ledger', 'all_ledgers', 'ledgers_markdown']
+           'Paired', 'paired_difference', 'Ledger', 'all_ledgers', 'ledgers_markdown']
 
 # %% ../nbs/01_ledger.ipynb #99730aa7
-VERDICTS = ("reproduced", "direction reproduced", "not reproduced", "not testable on CPU")
+VERDICTS = ("reproduced", "direction reproduced", "inconclusive", "not reproduced", "not testable on CPU")
 RULE_KINDS = ("within", "above", "below", "holds", "untestable")
 
 
@@ -49,11 +52,11 @@ def within(rel: float) -> Rule:
     return Rule("within", rel)
 
 def above(threshold: float = 0.0) -> Rule:
-    "Direction reproduced when measured > `threshold`."
+    "Direction reproduced when measured (its whole interval, if it has one) > `threshold`."
     return Rule("above", threshold)
 
 def below(threshold: float = 0.0) -> Rule:
-    "Direction reproduced when measured < `threshold`."
+    "Direction reproduced when measured (its whole interval, if it has one) < `threshold`."
     return Rule("below", threshold)
 
 def holds() -> Rule:
@@ -70,8 +73,18 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def compute_verdict(rule: Rule, reported: Any, measured: Any) -> str:
-    "The verdict that `rule` gives for `measured` against `reported`."
+def _check_interval(measured: float, interval: Any) -> tuple[float, float]:
+    "Validate an interval (lo, hi) of finite numbers with lo <= hi."
+    if not (isinstance(interval, (tuple, list)) and len(interval) == 2 and all(_finite(x) for x in interval)):
+        raise ValueError(f"an interval is a pair of finite numbers (lo, hi), got {interval!r}")
+    lo, hi = interval
+    if lo > hi:
+        raise ValueError(f"interval ({lo}, {hi}) has lo > hi")
+    return float(lo), float(hi)
+
+
+def compute_verdict(rule: Rule, reported: Any, measured: Any, interval: tuple[float, float] | None = None) -> str:
+    "The verdict that `rule` gives for `measured` (and its `interval`, if any) against `reported`."
     if rule.kind == "untestable":
         if measured is not None:
             raise ValueError("an untestable claim cannot carry a measurement")
@@ -86,25 +99,36 @@ def compute_verdict(rule: Rule, reported: Any, measured: Any) -> str:
         if not _finite(reported):
             raise ValueError(f"rule 'within' needs a reported number, got {reported!r}")
         return "reproduced" if abs(measured - reported) <= rule.value * abs(reported) else "not reproduced"
-    ok = measured > rule.value if rule.kind == "above" else measured < rule.value
-    return "direction reproduced" if ok else "not reproduced"
+    sign = 1 if rule.kind == "above" else -1
+    if interval is None:
+        return "direction reproduced" if sign * (measured - rule.value) > 0 else "not reproduced"
+    lo, hi = _check_interval(measured, interval)
+    near, far = (lo, hi) if sign > 0 else (hi, lo)   # the end nearest the threshold when the claim holds
+    if sign * (near - rule.value) > 0: return "direction reproduced"
+    if sign * (far - rule.value) <= 0: return "not reproduced"
+    return "inconclusive"
 
 # %% ../nbs/01_ledger.ipynb #408667fb
 @dataclass(frozen=True)
 class Claim:
-    "One statement of a paper with its reported number, our measurement and the verdict computed from both."
+    "One statement of a paper with its reported number, our measurement (and its interval) and the verdict computed from them."
     id: str
     statement: str
     reported: float | str | None
     unit: str
     measured: float | bool | None
     rule: Rule
-    source: str = ""           # where the paper says it (table, section)
+    source: str = ""           # where the paper says it (table, section), and whether primary or secondary
     note: str = ""             # what was measured, in words
     verdict: str | None = None  # optional: checked, never trusted
+    interval: tuple[float, float] | None = None  # 95% interval of `measured` over seeds or timing repeats
+    timed: bool = False        # a wall-clock measurement: varies from run to run, excluded from bit-for-bit checks
+    arithmetic: float | None = None  # for a speed ratio: the ratio the arithmetic (FLOPs or bytes) predicts
 
     def __post_init__(self):
-        computed = compute_verdict(self.rule, self.reported, self.measured)
+        if self.interval is not None:
+            object.__setattr__(self, "interval", _check_interval(self.measured, self.interval))
+        computed = compute_verdict(self.rule, self.reported, self.measured, self.interval)
         if self.verdict is not None and self.verdict != computed:
             raise ValueError(f"claim {self.id!r}: verdict {self.verdict!r} contradicts the measurement "
                              f"{self.measured!r} (rule: {self.rule.describe()}), which gives {computed!r}")
@@ -123,6 +147,64 @@ class Claim:
         d["rule"] = Rule(**d["rule"])
         return cls(**d)
 
+# %% ../nbs/01_ledger.ipynb #49bdbf17
+@dataclass(frozen=True)
+class Paired:
+    "Per-seed values of two arms run on the same seeds, and the t-interval of their mean difference a − b."
+    a: tuple[float, ...]
+    b: tuple[float, ...]
+    confidence: float = 0.95
+
+    def __post_init__(self):
+        if len(self.a) != len(self.b):
+            raise ValueError(f"paired arms need one value per seed each, got {len(self.a)} and {len(self.b)}")
+        if len(self.a) < 2:
+            raise ValueError(f"a confidence interval needs at least 2 seeds, got {len(self.a)}")
+        if not all(_finite(x) for x in self.a + self.b):
+            raise ValueError("paired values must be finite numbers")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+
+    @property
+    def n(self) -> int: return len(self.a)
+
+    @property
+    def diffs(self) -> list[float]: return [x - y for x, y in zip(self.a, self.b)]
+
+    @property
+    def mean(self) -> float: return statistics.fmean(self.diffs)
+
+    @property
+    def std(self) -> float: return statistics.stdev(self.diffs)
+
+    def _half(self, n: int | None = None, std: float | None = None) -> float:
+        "Half-width of the t-interval for `n` seeds (default: this run's) and spread `std`."
+        n = n or self.n
+        return stats.t.ppf(0.5 + self.confidence / 2, n - 1) * (self.std if std is None else std) / math.sqrt(n)
+
+    @property
+    def lo(self) -> float: return self.mean - self._half()
+
+    @property
+    def hi(self) -> float: return self.mean + self._half()
+
+    def seeds_to_decide(self, limit: int = 10_000) -> int | None:
+        "Seeds needed for the interval to exclude zero if the observed mean and spread held (None: the mean is zero)."
+        if self.mean == 0: return None
+        if self.std == 0: return self.n
+        return next((n for n in range(2, limit + 1) if self._half(n) < abs(self.mean)), None)
+
+    def describe(self, a: str = "a", b: str = "b") -> str:
+        "One line: each arm's mean ± std, and the mean difference with its interval."
+        sa, sb = statistics.stdev(self.a), statistics.stdev(self.b)
+        return (f"{a} {statistics.fmean(self.a):.4g} ± {sa:.2g} vs {b} {statistics.fmean(self.b):.4g} ± {sb:.2g} "
+                f"over {self.n} seeds; difference {self.mean:+.4g} [{self.confidence:.0%} CI {self.lo:+.4g}, {self.hi:+.4g}]")
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Paired:
+    "Paired comparison of two arms over the same seeds: mean difference a − b with its t-interval."
+    return Paired(tuple(float(x) for x in a), tuple(float(x) for x in b), confidence)
+
 # %% ../nbs/01_ledger.ipynb #6e5aa275
 def _fmt(x: Any) -> str:
     "Format a number or value for the ledger table."
@@ -135,6 +217,13 @@ def _fmt(x: Any) -> str:
 def _md_escape(s: str) -> str:
     "Escape the pipe character for a Markdown table cell."
     return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def _fmt_measured(c: Claim) -> str:
+    "The measured cell: value, unit, interval; a wall-clock value is marked ⏱ (so reruns can be compared without it)."
+    s = f"{_fmt(c.measured)} {c.unit if _finite(c.measured) else ''}".strip()
+    if c.interval is not None: s += f" [{_fmt(c.interval[0])}, {_fmt(c.interval[1])}]"
+    return f"⏱ {s}" if c.timed else s
 
 
 @dataclass
@@ -153,6 +242,24 @@ class Ledger:
         "Build a `Claim` and add it."
         return self.add(Claim(id, statement, reported, unit, measured, rule, **kw))
 
+    def paired(self, id: str, statement: str, reported, unit: str, a: Sequence[float], b: Sequence[float],
+               rule: Rule | None = None, names: tuple[str, str] = ("a", "b"), note: str = "", **kw) -> Claim:
+        "A directional claim on the paired difference a − b over seeds: measured = mean difference, interval = its t-interval."
+        p = paired_difference(a, b)
+        text = p.describe(*names)
+        if p.lo <= (rule or above()).value <= p.hi and p.seeds_to_decide():
+            text += f"; about {p.seeds_to_decide()} seeds would decide it if the spread held"
+        return self.claim(id, statement, reported, unit, p.mean, rule or above(), interval=(p.lo, p.hi),
+                          note=(note + "; " if note else "") + text, **kw)
+
+    def speed(self, id: str, statement: str, reported, comparison: SpeedComparison, rule: Rule | None = None,
+              arithmetic: float | None = None, note: str = "", **kw) -> Claim:
+        "A wall-clock speed-up claim: measured = median paired ratio, verdict from its 95% interval (default rule: > 1)."
+        text = comparison.describe()
+        if arithmetic is not None: text += f"; arithmetic ratio {arithmetic:.3g}×"
+        return self.claim(id, statement, reported, "×", comparison.ratio, rule or above(1.0), interval=comparison.interval,
+                          timed=True, arithmetic=arithmetic, note=(note + "; " if note else "") + text, **kw)
+
     def __len__(self) -> int: return len(self.claims)
 
     def __getitem__(self, id: str) -> Claim: return self.claims[id]
@@ -160,8 +267,7 @@ class Ledger:
     def rows(self) -> list[dict]:
         "One dict per claim, formatted for a table."
         return [{"id": c.id, "claim": c.statement, "paper": f"{_fmt(c.reported)} {c.unit}".strip(),
-                 "measured": f"{_fmt(c.measured)} {c.unit if _finite(c.measured) else ''}".strip(),
-                 "verdict": c.verdict, "source": c.source} for c in self.claims.values()]
+                 "measured": _fmt_measured(c), "verdict": c.verdict, "source": c.source} for c in self.claims.values()]
 
     def to_markdown(self) -> str:
         "The ledger as a Markdown table."
@@ -179,13 +285,17 @@ class Ledger:
             out[k] = out.get(k, 0) + 1
         return out
 
+    def measured_values(self, include_timed: bool = False) -> dict[str, Any]:
+        "Each claim's measurement and interval, by id (wall-clock ones left out unless asked): what must repeat bit for bit."
+        return {c.id: (c.measured, c.interval) for c in self.claims.values() if include_timed or not c.timed}
+
     def to_dict(self) -> dict:
         "A JSON-ready dict."
         return {"chapter": self.chapter, "meta": self.meta, "claims": [c.to_dict() for c in self.claims.values()]}
 
     def save(self, path: str | Path | None = None, mode: str | None = None, seed: int | None = None, **config) -> Path:
-        "Write `claims.json` (default `results/<chapter>/claims.json`) atomically, with mode, seed and config."
-        self.meta = {"mode": get_mode(mode), "seed": seed, "config": config,
+        "Write `claims.json` (default `results/<chapter>/claims.json`) atomically, with mode, seed, config and machine."
+        self.meta = {"mode": get_mode(mode), "seed": seed, "config": config, "machine": machine_info(),
                      "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
         path = Path(path) if path else results_dir(self.chapter) / "claims.json"
         return atomic_write(path, json.dumps(self.to_dict(), indent=1, default=str))
@@ -212,7 +322,7 @@ def all_ledgers(root: str | Path | None = None) -> dict[str, Ledger]:
 def ledgers_markdown(ledgers: dict[str, Ledger]) -> str:
     "All ledgers as Markdown: a summary table of verdict counts, then one table per chapter."
     if not ledgers: return "_No chapter has been run yet: `make book` or `paperlab reproduce --all` writes the ledgers._\n"
-    out = "| chapter | claims | reproduced | direction reproduced | not reproduced | not testable on CPU |\n|---|---|---|---|---|---|\n"
+    out = "| chapter | claims | " + " | ".join(VERDICTS) + " |\n|---|---|" + "---|" * len(VERDICTS) + "\n"
     for name, led in ledgers.items():
         n = led.counts()
         out += f"| {name} | {len(led)} | " + " | ".join(str(n.get(v, 0)) for v in VERDICTS) + " |\n"
