@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ from tqdm.auto import tqdm
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['CHECKPOINT_NAME', 'split_batch', 'cosine_lr', 'param_groups', 'load_checkpoint', 'TrainResult', 'fit', 'predict',
-           'evaluate']
+__all__ = ['CHECKPOINT_NAME', 'split_batch', 'cosine_lr', 'param_groups', 'load_checkpoint', 'TrainResult', 'default_accelerator',
+           'check_launch', 'fit', 'predict', 'evaluate']
 
 # %% ../nbs/03_train.ipynb #ac94ebfc
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
@@ -73,6 +74,22 @@ class TrainResult:
     model: nn.Module = field(repr=False)
 
 
+def default_accelerator() -> Accelerator:
+    "An `Accelerator` on the GPU (or other accelerator) if there is one, else on the CPU (gloo across processes)."
+    # accelerate only joins the processes of a launcher on the CPU when asked for the CPU: without `cpu=True`, a
+    # CPU-only machine under `torchrun` gets one independent single-process run per process
+    return Accelerator(cpu=not torch.accelerator.is_available())
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    "ValueError if a launcher started several processes (WORLD_SIZE > 1) but `accelerator` runs as one of one."
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        raise ValueError(f"launched as {world} processes (WORLD_SIZE={world}) but the accelerator runs a single process, so "
+                         "each process would train its own copy: on a machine without GPUs pass Accelerator(cpu=True) "
+                         "or set ACCELERATE_USE_CPU=1")
+
+
 def fit(model: nn.Module, train_ds: Dataset, *, epochs: int, lr: float = 1e-3, batch_size: int = 64,
         weight_decay: float = 0.05, seed: int = 0, loss_fn: Callable | None = None,
         checkpoint_dir: str | Path | None = None, progress: bool = True, accelerator: Accelerator | None = None,
@@ -85,7 +102,8 @@ def fit(model: nn.Module, train_ds: Dataset, *, epochs: int, lr: float = 1e-3, b
     if weight_decay < 0: raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if len(train_ds) == 0: raise ValueError("train_ds is empty")
     t0 = time.perf_counter()
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or default_accelerator()
+    check_launch(accelerator)
     loss_fn = loss_fn or F.cross_entropy
     config = _run_config(train_ds, epochs, lr, batch_size, weight_decay, seed)
 
