@@ -8,26 +8,30 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
+from typing import Callable
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from timm.layers import trunc_normal_
 from timm.models import register_model
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
 
-from .attention import attention_macs, get_attention, inline_attention
+from .attention import get_attention
 from .core import count_flops, count_params, repo_root
 
+
 # %% auto #0
-__all__ = ['MODEL_CONFIGS', 'VARIANTS', 'row_distance', 'collision_rate', 'centred_rank', 'plot_collinear_queries', 'LocalKernel',
-           'depthwise_per_image', 'depthwise_per_image_ref', 'InLineAttention', 'InLineDeiTConfig', 'InLineSwinConfig',
-           'parse_attn_types', 'build_inline_deit', 'build_inline_swin', 'build_model', 'create_inline_model',
-           'paper_numbers', 'model_cost', 'tiny_vit', 'capture_qk', 'semantic_confusion', 'neighbourhood_mask',
-           'local_mass', 'plot_attention_maps']
+__all__ = ['INLINE_KERNELS', 'MODEL_CONFIGS', 'VARIANTS', 'row_distance', 'collision_rate', 'centred_rank',
+           'plot_collinear_queries', 'LocalKernel', 'depthwise_per_image', 'depthwise_per_image_ref', 'exp_kernel',
+           'InLineAttention', 'InLineDeiTConfig', 'InLineSwinConfig', 'parse_attn_types', 'build_inline_deit',
+           'build_inline_swin', 'build_model', 'create_inline_model', 'from_official', 'load_golden', 'golden_modules',
+           'golden_error', 'paper_numbers', 'model_cost', 'tiny_vit', 'capture_qk', 'semantic_confusion',
+           'neighbourhood_mask', 'local_mass', 'plot_attention_maps']
 
 # %% ../nbs/10_inline.ipynb #6310eac5
 def row_distance(name: str, q: Tensor, q2: Tensor, k: Tensor) -> Tensor:
@@ -97,21 +101,47 @@ def depthwise_per_image_ref(v: Tensor, kernels: Tensor) -> Tensor:
                 out[n] += kernels[n, :, dy, dx, None, None] * padded[n, :, dy:dy + h, dx:dx + w]
     return out
 
+# %% ../nbs/10_inline.ipynb #k3rnf0c1
+def exp_kernel(x: Tensor, t: float = 0.2) -> Tensor:
+    "The official exponential kernel exp(t·x) with t = 0.2: any shape -> same shape."
+    return (x * t).exp()
+
+
+INLINE_KERNELS: dict[str, Callable[[Tensor], Tensor] | None] = {
+    "identity": None,            # the released models: phi(x) = x
+    "relu": F.relu,
+    "leakyrelu": F.leaky_relu,   # negative slope 0.01, as nn.LeakyReLU()
+    "exp": exp_kernel,
+}
+
 # %% ../nbs/10_inline.ipynb #a4814fdc
 class InLineAttention(nn.Module):
     "Multi-head attention with a named token mixing and InLine's optional local term: (B, N, C) -> (B, N, C)."
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, mixing: str = "inline",
-                 local: bool = True, num_prefix_tokens: int = 1):
+                 local: bool = True, num_prefix_tokens: int = 1, kernel_func: str = "identity"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if kernel_func not in INLINE_KERNELS:
+            raise ValueError(f"unknown kernel_func {kernel_func!r}: expected one of {sorted(INLINE_KERNELS)}")
+        if kernel_func != "identity" and mixing != "inline":
+            raise ValueError(f"kernel_func {kernel_func!r} is an option of InLine mixing only, not of {mixing!r}")
         self.fn = get_attention(mixing)[0]
         self.num_heads, self.mixing, self.num_prefix_tokens = num_heads, mixing, num_prefix_tokens
+        self.kernel_func, self.phi = kernel_func, INLINE_KERNELS[kernel_func]
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.local = LocalKernel(dim, num_heads) if local else None
         self.record = False        # when True, keep the last q and k for analysis
         self.last_qk: tuple[Tensor, Tensor] | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        "Official init: qkv and proj truncated normal (std 0.02), zero biases; the local MLP keeps PyTorch's default, as there."
+        for lin in (self.qkv, self.proj):
+            trunc_normal_(lin.weight, std=0.02)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
 
     def grid_side(self, n: int) -> int:
         "Side of the square grid of the `n` tokens after the prefix; ValueError if they are not a square."
@@ -127,6 +157,8 @@ class InLineAttention(nn.Module):
             raise ValueError(f"InLineAttention expects (B, N, C), got {tuple(x.shape)}")
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.phi is not None:
+            q, k = self.phi(q), self.phi(k)
         if self.record:
             self.last_qk = (q.detach(), k.detach())
         out = self.fn(q, k, v).transpose(1, 2).reshape(b, n, c)
@@ -151,6 +183,8 @@ class InLineDeiTConfig:
     mlp_ratio: float = 4.0
     mixing: str = "inline"
     local: bool = True
+    kernel_func: str = "identity"
+    drop_path_rate: float = 0.1   # official config default (_C.MODEL.DROP_PATH_RATE); the DeiT yamls keep it
 
 
 @dataclass(frozen=True)
@@ -164,15 +198,20 @@ class InLineSwinConfig:
     window_size: int = 7
     num_classes: int = 1000
     local: bool = True
+    kernel_func: str = "identity"
+    drop_path_rate: float = 0.2   # cfgs/inline_swin_t.yaml
 
 
 MODEL_CONFIGS: dict[str, InLineDeiTConfig | InLineSwinConfig] = {
     "inline_deit_tiny": InLineDeiTConfig(224, embed_dim=192, num_heads=6),
     "inline_deit_small": InLineDeiTConfig(288, embed_dim=320, num_heads=10),
     "inline_deit_base": InLineDeiTConfig(448, embed_dim=384, num_heads=12),
-    "inline_swin_tiny": InLineSwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), attn_types="IIIS"),
-    "inline_swin_small": InLineSwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), attn_types="IISS"),
-    "inline_swin_base": InLineSwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), attn_types="IIMS2"),
+    "inline_swin_tiny": InLineSwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), attn_types="IIIS",
+                                         drop_path_rate=0.2),
+    "inline_swin_small": InLineSwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), attn_types="IISS",
+                                          drop_path_rate=0.3),
+    "inline_swin_base": InLineSwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), attn_types="IIMS2",
+                                         drop_path_rate=0.5),
 }
 
 # %% ../nbs/10_inline.ipynb #b1a253aa
@@ -191,10 +230,11 @@ def build_inline_deit(cfg: InLineDeiTConfig) -> VisionTransformer:
     "An InLine-DeiT from its config, random weights."
     model = VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                               num_classes=cfg.num_classes, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                              num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True)
-    for blk in model.blocks:
+                              num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
+                              drop_path_rate=cfg.drop_path_rate)
+    for blk in model.blocks:   # each new attention initialises itself as the official _init_vit_weights does
         blk.attn = InLineAttention(cfg.embed_dim, cfg.num_heads, mixing=cfg.mixing, local=cfg.local,
-                                   num_prefix_tokens=model.num_prefix_tokens)
+                                   num_prefix_tokens=model.num_prefix_tokens, kernel_func=cfg.kernel_func)
     return model
 
 
@@ -202,7 +242,8 @@ def build_inline_swin(cfg: InLineSwinConfig) -> SwinTransformer:
     "An InLine-Swin from its config, random weights: InLine blocks see their whole stage map as one window."
     kinds = parse_attn_types(cfg.attn_types, cfg.depths)
     model = SwinTransformer(img_size=cfg.img_size, embed_dim=cfg.embed_dim, depths=cfg.depths,
-                            num_heads=cfg.num_heads, window_size=cfg.window_size, num_classes=cfg.num_classes)
+                            num_heads=cfg.num_heads, window_size=cfg.window_size, num_classes=cfg.num_classes,
+                            drop_path_rate=cfg.drop_path_rate)
     grid = cfg.img_size // 4
     for s, stage in enumerate(model.layers):
         side, dim = grid // 2 ** s, cfg.embed_dim * 2 ** s
@@ -211,7 +252,8 @@ def build_inline_swin(cfg: InLineSwinConfig) -> SwinTransformer:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")   # timm resizes the softmax bias table we are about to drop
                     blk.set_input_size((side, side), (side, side))
-                blk.attn = InLineAttention(dim, cfg.num_heads[s], local=cfg.local, num_prefix_tokens=0)
+                blk.attn = InLineAttention(dim, cfg.num_heads[s], local=cfg.local, num_prefix_tokens=0,
+                                           kernel_func=cfg.kernel_func)
     return model
 
 
@@ -242,6 +284,42 @@ def _timm_entry(name: str):
 for _name in MODEL_CONFIGS:
     globals()[_name] = register_model(_timm_entry(_name))
 
+# %% ../nbs/10_inline.ipynb #g0ldc0d1
+def from_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    "Rename an official InLine state dict to paperlab's names: their `residual.*` is our `local.mlp.*`; the rest is shared with timm."
+    return {k.replace("residual.", "local.mlp."): v for k, v in state_dict.items()}
+
+
+def load_golden(name: str) -> tuple[dict[str, np.ndarray], dict[str, Tensor]]:
+    "Arrays of `data/inline/golden/<name>.npz` and its weights as a float64 state dict in paperlab's names."
+    z = np.load(repo_root() / "data" / "inline" / "golden" / f"{name}.npz")
+    arrays = {k: z[k] for k in z.files}
+    weights = {k[2:]: torch.from_numpy(v).double() for k, v in arrays.items() if k.startswith("w/")}
+    return arrays, from_official(weights)
+
+
+def golden_modules() -> dict[str, tuple[nn.Module, Callable[[Tensor], Tensor]]]:
+    "The paperlab module of each golden case, float64, eval mode, and how to call it on the stored input."
+    swin = build_inline_swin(InLineSwinConfig(img_size=56, embed_dim=96, depths=(2,), num_heads=(3,), attn_types="I",
+                                              num_classes=10, drop_path_rate=0.0)).layers[0].blocks[0]
+    deit = build_inline_deit(InLineDeiTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10))
+    mods = {"deit_tiny_attention": (InLineAttention(192, 6), lambda m, x: m(x)),
+            "swin_stage1_block": (swin, lambda m, x: m(x.reshape(1, 14, 14, 96)).reshape(1, 196, 96)),   # timm blocks take (B, H, W, C)
+            "deit_reduced_model": (deit, lambda m, x: m(x))}
+    for kf in INLINE_KERNELS:
+        mods[f"swin_attention_kernels/{kf}"] = (InLineAttention(32, 2, num_prefix_tokens=0, kernel_func=kf), lambda m, x: m(x))
+    return {k: (m.double().eval(), f) for k, (m, f) in mods.items()}
+
+
+def golden_error(case: str, module: nn.Module, call: Callable) -> float:
+    "Largest |paperlab − official| over the stored output of `case` after loading the stored weights into `module`."
+    name, _, kf = case.partition("/")
+    arrays, weights = load_golden(name)
+    module.load_state_dict(weights)
+    with torch.no_grad():
+        out = call(module, torch.from_numpy(arrays["x"]).double())
+    return (out - torch.from_numpy(arrays[f"y/{kf}" if kf else "y"])).abs().max().item()
+
 # %% ../nbs/10_inline.ipynb #425adbd0
 def paper_numbers() -> dict:
     "The InLine paper's reported numbers, shipped in `data/inline/paper_numbers.json`."
@@ -267,10 +345,12 @@ VARIANTS: dict[str, tuple[str, bool]] = {
 
 
 def tiny_vit(mixing: str, local: bool, depth: int = 4, embed_dim: int = 48, num_heads: int = 3,
-             img_size: int = 16, patch_size: int = 2, num_classes: int = 10, in_chans: int = 1) -> VisionTransformer:
+             img_size: int = 16, patch_size: int = 2, num_classes: int = 10, in_chans: int = 1,
+             drop_path_rate: float = 0.0, kernel_func: str = "identity") -> VisionTransformer:
     "A tiny DeiT-style ViT with the given token mixing and local term (same code path as the full models)."
     cfg = InLineDeiTConfig(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                           num_heads=num_heads, in_chans=in_chans, num_classes=num_classes, mixing=mixing, local=local)
+                           num_heads=num_heads, in_chans=in_chans, num_classes=num_classes, mixing=mixing, local=local,
+                           drop_path_rate=drop_path_rate, kernel_func=kernel_func)
     return build_inline_deit(cfg)
 
 # %% ../nbs/10_inline.ipynb #f710b16c

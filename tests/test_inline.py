@@ -96,3 +96,88 @@ def test_model_cost_works_from_the_package():
     from paperlab.inline import model_cost
     cost = model_cost("inline_deit_tiny")
     assert abs(cost["params_M"] / PAPER["inline_deit_tiny"]["counted_params_M"] - 1) < 0.01
+
+
+# --- the official recipe (issue 9 §3) ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,rate", [("inline_deit_tiny", 0.1), ("inline_swin_tiny", 0.2), ("inline_swin_small", 0.3),
+                                       ("inline_swin_base", 0.5)])
+def test_official_init_and_drop_path(name, rate):
+    # official _init_vit_weights / Swin _init_weights: trunc_normal_(std=.02), zero bias; drop-path from the official yamls
+    from paperlab.inline import InLineAttention
+    model = create_inline_model(name)
+    att = [a for a in model.modules() if isinstance(a, InLineAttention)]
+    w = torch.cat([p.weight.flatten() for a in att for p in (a.qkv, a.proj)])
+    assert abs(w.std().item() - 0.02) < 4e-4, w.std()            # PyTorch's default would give ~0.042 at C = 192
+    assert w.abs().max() <= 2.0                                   # timm's trunc_normal_ cuts at ±2 (absolute)
+    assert all((a.qkv.bias == 0).all() and (a.proj.bias == 0).all() for a in att)
+    rates = [b.drop_path1.drop_prob if hasattr(b.drop_path1, "drop_prob") else 0.0
+             for b in model.modules() if hasattr(b, "drop_path1")]
+    expected = torch.linspace(0, rate, len(rates))                # stochastic depth decay rule of the official code
+    torch.testing.assert_close(torch.tensor(rates), expected)
+
+
+def test_kernel_functions_match_their_formulas():
+    from paperlab.inline import INLINE_KERNELS, exp_kernel
+    x = torch.linspace(-4, 4, 33, dtype=torch.float64)
+    expected = {"identity": x, "relu": torch.where(x > 0, x, 0 * x), "leakyrelu": torch.where(x > 0, x, 0.01 * x),
+                "exp": torch.tensor([__import__("math").exp(0.2 * v) for v in x.tolist()], dtype=torch.float64)}
+    for name, phi in INLINE_KERNELS.items():
+        got = x if phi is None else phi(x)
+        torch.testing.assert_close(got, expected[name], atol=1e-15, rtol=1e-15)
+    torch.testing.assert_close(exp_kernel(x, t=1.0), x.exp())
+
+
+def test_kernel_func_bad_input():
+    with pytest.raises(ValueError, match="unknown kernel_func"):
+        InLineAttention(32, 2, kernel_func="elu")
+    with pytest.raises(ValueError, match="InLine mixing only"):
+        InLineAttention(32, 2, mixing="linear", kernel_func="relu")
+
+
+# --- golden outputs of the official code (issue 9 §2; data/inline/golden/README.md) ---------------------------------
+
+GOLDEN_CASES = ["deit_tiny_attention", "swin_stage1_block", "deit_reduced_model"] + \
+    [f"swin_attention_kernels/{k}" for k in ("identity", "relu", "leakyrelu", "exp")]
+
+
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+def test_golden_official_outputs(case):
+    from paperlab.inline import golden_error, golden_modules
+    module, call = golden_modules()[case]
+    assert golden_error(case, module, call) < 1e-12
+
+
+@pytest.mark.parametrize("param", ["proj.bias", "local.mlp.2.weight"])
+def test_golden_sensitivity(param):
+    # the same comparison fails when one stored weight moves by 1e-6
+    from paperlab.inline import golden_modules, load_golden
+    module, call = golden_modules()["deit_tiny_attention"]
+    arrays, weights = load_golden("deit_tiny_attention")
+    weights[param].view(-1)[0] += 1e-6
+    module.load_state_dict(weights)
+    with torch.no_grad():
+        err = (call(module, torch.from_numpy(arrays["x"]).double()) - torch.from_numpy(arrays["y"])).abs().max().item()
+    assert err > 1e-9
+
+
+def test_golden_name_map_covers_every_weight():
+    from paperlab.inline import golden_modules, load_golden
+    module, _ = golden_modules()["deit_reduced_model"]
+    _, weights = load_golden("deit_reduced_model")
+    assert set(weights) == set(module.state_dict())
+
+
+def test_golden_files_are_small():
+    root = Path(__file__).resolve().parent.parent / "data" / "inline" / "golden"
+    files = sorted(root.glob("*.npz"))
+    assert len(files) == 4 and all(f.stat().st_size < 1_000_000 for f in files)
+
+
+def test_package_imports_alone():
+    # issue 9 §1: the module must not depend on names the notebook imported (plt was one)
+    import subprocess, sys
+    code = ("import torch, paperlab.inline as m; fig = m.plot_collinear_queries(torch.randn(8, 2), torch.tensor([1., .5]), "
+            "[.5, 1., 2., 4.]); print(type(fig).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__("os").environ, "MPLBACKEND": "Agg"})
+    assert out.returncode == 0 and "Figure" in out.stdout, out.stderr
