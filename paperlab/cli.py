@@ -9,7 +9,9 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,10 +21,10 @@ from tqdm.auto import tqdm
 
 from .core import MODES, atomic_write, get_mode, repo_root, results_dir
 from .docs import chapter_name
-from .ledger import Ledger, all_ledgers, ledgers_markdown
+from .ledger import all_ledgers, ledgers_markdown
 
 # %% auto #0
-__all__ = ['nbs_dir', 'chapters', 'resolve_chapters', 'run_chapter', 'parser', 'main']
+__all__ = ['nbs_dir', 'chapters', 'resolve_chapters', 'ChapterInterrupted', 'run_chapter', 'parser', 'main']
 
 # %% ../nbs/06_cli.ipynb #d21c3953
 def nbs_dir() -> Path:
@@ -47,6 +49,10 @@ def resolve_chapters(names: Sequence[str], nbs: Path | None = None) -> dict[str,
     return {n: known[n] for n in names}
 
 # %% ../nbs/06_cli.ipynb #64f658c0
+class ChapterInterrupted(KeyboardInterrupt):
+    "The user interrupted a chapter run (Ctrl-C); its earlier results were kept."
+
+
 def _swap_in(staged: Path, target: Path) -> None:
     "Replace folder `target` by `staged` with renames, so a reader sees the old or the new folder, never a mix."
     old = target.with_name(f".{target.name}.old")
@@ -54,6 +60,43 @@ def _swap_in(staged: Path, target: Path) -> None:
     if target.exists(): os.replace(target, old)
     os.replace(staged, target)
     if old.exists(): shutil.rmtree(old)
+
+
+def _kernel_pid(client) -> int | None:
+    "The process id of the client's kernel, if it has started."
+    prov = getattr(getattr(client, "km", None), "provisioner", None)
+    return getattr(getattr(prov, "process", None), "pid", None)
+
+
+def _signal_kernel(client, sig: int) -> None:
+    "Send `sig` to the kernel's process group (it runs in a session of its own)."
+    pid = _kernel_pid(client)
+    if pid is None: return
+    try: os.killpg(os.getpgid(pid), sig)
+    except (ProcessLookupError, PermissionError): pass
+
+
+def _execute_interruptibly(client, interrupted: threading.Event) -> None:
+    "Run `client.execute()` in a worker thread; Ctrl-C in the main thread interrupts the kernel, a second one kills it."
+    error: list[BaseException] = []
+
+    def work():
+        try: client.execute()
+        except BaseException as e: error.append(e)
+
+    def on_sigint(signum, frame):
+        _signal_kernel(client, signal.SIGKILL if interrupted.is_set() else signal.SIGINT)
+        interrupted.set()
+
+    worker = threading.Thread(target=work, name="paperlab-nbclient", daemon=True)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    try:
+        worker.start()
+        while worker.is_alive(): worker.join(0.1)
+    finally:
+        if in_main: signal.signal(signal.SIGINT, previous)
+    if error: raise error[0]
 
 
 def run_chapter(name: str, nb_path: Path, mode: str | None = None, results: Path | None = None,
@@ -73,20 +116,26 @@ def run_chapter(name: str, nb_path: Path, mode: str | None = None, results: Path
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     saved = {k: os.environ.get(k) for k in env}
     bar = tqdm(total=n_code, desc=f"{name} ({mode})", unit="cell", disable=not progress)
+    interrupted = threading.Event()
+
+    def on_cell_start(**kw):
+        if interrupted.is_set(): raise ChapterInterrupted(name)   # interrupted between two cells
+
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(nb_path.parent)}},
+                            resources={"metadata": {"path": str(nb_path.parent)}}, on_cell_start=on_cell_start,
                             on_cell_executed=lambda **kw: bar.update(1) if kw["cell"].cell_type == "code" else None)
     try:
         os.environ.update(env)
         t0 = time.time()
-        client.execute()
+        _execute_interruptibly(client, interrupted)
         nb.metadata["paperlab"] = {"mode": mode, "seconds": round(time.time() - t0, 1), "chapter": name}
         out = stage / nb_path.name
         atomic_write(out, nbformat.writes(nb))
         _swap_in(stage, results / name)
         return results / name / nb_path.name
-    except BaseException:
+    except BaseException as e:
         atomic_write(results / f"{name}.failed.ipynb", nbformat.writes(nb))
+        if interrupted.is_set() and not isinstance(e, ChapterInterrupted): raise ChapterInterrupted(name) from None
         raise
     finally:
         bar.close()
@@ -115,21 +164,28 @@ def _list(args) -> int:
 
 
 def _reproduce(args) -> int:
-    "Execute the chosen chapters; non-zero exit if any fails."
+    "Execute the chosen chapters; non-zero exit if any fails, 130 when interrupted."
     if not args.all and not args.chapters:
         raise ValueError("name chapters to reproduce, or pass --all")
     todo = chapters(args.nbs) if args.all else resolve_chapters(args.chapters, args.nbs)
-    failed = []
+    failed, times = [], {}
     for name, path in todo.items():
+        t0 = time.time()
         try:
             out = run_chapter(name, path, mode=args.mode, results=args.results, timeout=args.timeout)
             print(f"{name}: ok -> {out}")
         except KeyboardInterrupt:
-            print(f"{name}: interrupted; earlier results kept", file=sys.stderr)
+            print(f"{name}: interrupted; the kernel was shut down and the earlier results of {name} were kept", file=sys.stderr)
             return 130
         except Exception as e:
             print(f"{name}: FAILED ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})", file=sys.stderr)
             failed.append(name)
+        times[name] = round(time.time() - t0, 1)
+    if len(times) > 1:  # a table of each chapter's time, printed and saved
+        table = "| chapter | mode | seconds |\n|---|---|---|\n" + "".join(
+            f"| {n} | {get_mode(args.mode)} | {s} |\n" for n, s in times.items()) + f"| total | | {round(sum(times.values()), 1)} |\n"
+        print(table)
+        atomic_write((Path(args.results) if args.results else results_dir()) / f"times-{get_mode(args.mode)}.md", table)
     if failed:
         print(f"failed chapters: {failed}", file=sys.stderr)
     return 1 if failed else 0
@@ -147,6 +203,14 @@ def _ledger(args) -> int:
         print(json.dumps({k: v.to_dict() for k, v in ledgers.items()}, indent=1, default=str))
     else:
         print(ledgers_markdown(ledgers))
+    return 0
+
+
+def _efficiency(args) -> int:
+    "Print the book's efficiency table: every chapter's `efficiency:` claims, measured ratio ÷ arithmetic ratio."
+    from paperlab.ledger import efficiency_markdown, efficiency_rows
+    ledgers = all_ledgers(args.results)
+    print(json.dumps(efficiency_rows(ledgers), indent=1) if args.format == "json" else efficiency_markdown(ledgers))
     return 0
 
 
@@ -173,6 +237,9 @@ def parser() -> argparse.ArgumentParser:
     l.add_argument("chapters", nargs="*")
     l.add_argument("--format", choices=("md", "json"), default="md")
     l.set_defaults(fn=_ledger)
+    e = sub.add_parser("efficiency", help="the book's efficiency table: measured speed-up ÷ arithmetic ratio, per chapter")
+    e.add_argument("--format", choices=("md", "json"), default="md")
+    e.set_defaults(fn=_efficiency)
     d = sub.add_parser("docs", help="build the docs site (build) or README.md (readme)")
     d.add_argument("what", choices=("build", "readme"))
     d.add_argument("--out", default="_docs")

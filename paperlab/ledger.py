@@ -19,8 +19,9 @@ from scipy import stats
 from .core import SpeedComparison, atomic_write, get_mode, machine_info, results_dir
 
 # %% auto #0
-__all__ = ['VERDICTS', 'RULE_KINDS', 'Rule', 'within', 'above', 'below', 'holds', 'untestable', 'compute_verdict', 'Claim',
-           'Paired', 'paired_difference', 'Ledger', 'all_ledgers', 'ledgers_markdown']
+__all__ = ['VERDICTS', 'RULE_KINDS', 'EFFICIENCY_PREFIX', 'Rule', 'within', 'above', 'below', 'holds', 'untestable',
+           'compute_verdict', 'Claim', 'Paired', 'paired_difference', 'Ledger', 'all_ledgers', 'ledgers_markdown',
+           'efficiency_rows', 'efficiency_markdown']
 
 # %% ../nbs/01_ledger.ipynb #99730aa7
 VERDICTS = ("reproduced", "direction reproduced", "inconclusive", "not reproduced", "not testable on CPU")
@@ -328,4 +329,38 @@ def ledgers_markdown(ledgers: dict[str, Ledger]) -> str:
         out += f"| {name} | {len(led)} | " + " | ".join(str(n.get(v, 0)) for v in VERDICTS) + " |\n"
     for name, led in ledgers.items():
         out += f"\n### {name} ({led.meta.get('mode', '?')} mode)\n\n" + led.to_markdown()
+    return out
+
+# %% ../nbs/01_ledger.ipynb #4e5016f0
+EFFICIENCY_PREFIX = "efficiency:"
+
+
+def efficiency_rows(ledgers: dict[str, Ledger]) -> list[dict]:
+    "One row per `efficiency:` claim of every ledger: measured ratio, its interval, the arithmetic ratio and their quotient."
+    rows = []
+    for chapter, led in ledgers.items():
+        machine = led.meta.get("machine", {})
+        for c in led.claims.values():
+            if not c.id.startswith(EFFICIENCY_PREFIX): continue
+            if not (c.timed and c.interval is not None):
+                raise ValueError(f"{chapter}: claim {c.id!r} must be a timed ratio with an interval (make it with Ledger.speed)")
+            rows.append({"chapter": chapter, "id": c.id, "claim": c.statement, "measured": c.measured,
+                         "lo": c.interval[0], "hi": c.interval[1], "arithmetic": c.arithmetic,
+                         "measured_over_arithmetic": None if not c.arithmetic else c.measured / c.arithmetic,
+                         "verdict": c.verdict, "threads": machine.get("threads"), "cpu": machine.get("cpu"),
+                         "mode": led.meta.get("mode")})
+    return rows
+
+
+def efficiency_markdown(ledgers: dict[str, Ledger]) -> str:
+    "The efficiency table as Markdown (timed values marked ⏱)."
+    rows = efficiency_rows(ledgers)
+    if not rows: return "_No chapter with an efficiency claim has been run yet._\n"
+    out = ("| chapter | claim | measured speed-up [95% CI] | arithmetic ratio | measured ÷ arithmetic | verdict | threads | CPU | mode |\n"
+           "|---|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        quotient = "—" if r["measured_over_arithmetic"] is None else f"⏱ {r['measured_over_arithmetic']:.2f}"
+        arith = "—" if r["arithmetic"] is None else f"{r['arithmetic']:.3g}×"
+        out += (f"| {r['chapter']} | {_md_escape(r['claim'])} | ⏱ {r['measured']:.3g}× [{r['lo']:.3g}, {r['hi']:.3g}] | {arith} "
+                f"| {quotient} | {r['verdict']} | {r['threads']} | {_md_escape(r['cpu'] or '?')} | {r['mode']} |\n")
     return out
