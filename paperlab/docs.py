@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import importlib
+import importlib.util
+import inspect
 import os
 import re
 import shutil
@@ -20,8 +23,9 @@ from nbformat import NotebookNode
 from .core import atomic_write, repo_root, results_dir
 
 # %% auto #0
-__all__ = ['README_HEADER', 'chapter_name', 'executed_path', 'split_directives', 'page_cell', 'stage_notebook', 'list_notebooks',
-           'stage_site', 'build_docs', 'readme_markdown', 'write_readme', 'main']
+__all__ = ['EFFICIENCY_INTRO', 'README_HEADER', 'chapter_name', 'executed_path', 'split_directives', 'page_cell', 'default_exp',
+           'api_objects', 'source_line', 'api_entry', 'api_reference_cell', 'write_source_pages', 'stage_notebook',
+           'list_notebooks', 'stage_site', 'build_docs', 'readme_markdown', 'write_readme', 'main']
 
 # %% ../nbs/05_docs.ipynb #b89ae347
 def chapter_name(nb: str | os.PathLike) -> str:
@@ -71,6 +75,65 @@ def page_cell(cell: NotebookNode) -> NotebookNode | None:
     if tags: cell.metadata["tags"] = tags
     return cell
 
+# %% ../nbs/05_docs.ipynb #5f1ef446
+def default_exp(nb: NotebookNode) -> str | None:
+    "The module a notebook exports to (its `#| default_exp` directive), or None."
+    for c in nb.cells:
+        if c.cell_type == "code":
+            m = re.search(r"^#\|\s*default_exp\s+(\S+)", c.source, re.M)
+            if m: return m.group(1)
+    return None
+
+
+def api_objects(module: str) -> list[tuple[str, object]]:
+    "The documented objects of `paperlab.<module>`: exported functions and classes, and the public methods each class defines."
+    mod = importlib.import_module(f"paperlab.{module}")
+    out = []
+    for name in getattr(mod, "__all__", []):
+        obj = getattr(mod, name)
+        if not (inspect.isfunction(obj) or inspect.isclass(obj)) or getattr(obj, "__module__", None) != mod.__name__:
+            continue  # constants and re-exported names are documented where they are defined
+        out.append((name, obj))
+        if inspect.isclass(obj):
+            out += [(f"{name}.{k}", v) for k, v in vars(obj).items()
+                    if inspect.isfunction(v) and not k.startswith("_") and v.__doc__]
+    return out
+
+
+def source_line(obj: object) -> int:
+    "The line of the module where `obj`'s definition starts."
+    return inspect.getsourcelines(inspect.unwrap(obj))[1]
+
+
+def api_entry(name: str, obj: object, module: str, prefix: str = "") -> str:
+    "One `show_doc` entry in Markdown, its source link pointing at the site's own highlighted source."
+    from nbdev.showdoc import show_doc
+    entry = show_doc(obj, name=name, title_level=3)._repr_markdown_()
+    link = f"[source]({prefix}_static/source/{module}.py.html#L-{source_line(obj)})"
+    return re.sub(r"\[source\]\([^)]*\)(\{[^}]*\})?", lambda _: link, entry, count=1)
+
+
+def api_reference_cell(module: str) -> NotebookNode:
+    "A markdown cell 'API reference' listing every documented object of `paperlab.<module>`."
+    entries = "\n\n".join(api_entry(n, o, module) for n, o in api_objects(module))
+    return nbformat.v4.new_markdown_cell(f"## API reference\n\nThe functions and classes that `paperlab.{module}` exports.\n\n{entries}")
+
+
+def write_source_pages(dest: str | os.PathLike) -> list[Path]:
+    "Render every module of the package as highlighted HTML with line anchors `#L-<n>` into `dest`."
+    from pygments import highlight
+    from pygments.formatters import HtmlFormatter
+    from pygments.lexers import PythonLexer
+    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
+    pkg = Path(importlib.import_module("paperlab").__file__).parent
+    written = []
+    for py in sorted(pkg.glob("*.py")):
+        if py.name.startswith("_"): continue
+        fmt = HtmlFormatter(full=True, linenos="inline", lineanchors="L", title=f"paperlab/{py.name}")
+        written.append(dest / f"{py.stem}.py.html")
+        written[-1].write_text(highlight(py.read_text(encoding="utf-8"), PythonLexer(), fmt), encoding="utf-8")
+    return written
+
 # %% ../nbs/05_docs.ipynb #73535f1b
 def _code_sources(nb: NotebookNode) -> list[str]:
     "The code of every code cell, directives stripped, blank cells skipped."
@@ -111,6 +174,9 @@ def stage_notebook(src: str | os.PathLike, results: str | os.PathLike | None = N
         _insert_after_title(nb, _admonition("note", "Outputs may be out of date",
             f"The code of `nbs/{src.name}` has changed since it was last executed. "
             f"Run `paperlab reproduce {chapter}` to refresh the outputs."))
+    module = default_exp(source_nb)
+    if module and importlib.util.find_spec(f"paperlab.{module}") is not None:
+        nb.cells.append(api_reference_cell(module))
     return nb, done.exists()
 
 # %% ../nbs/05_docs.ipynb #828b5753
@@ -138,6 +204,12 @@ html_theme_options = {{"home_page_in_toc": True, "show_toc_level": 2, "use_downl
 html_static_path = ["_static"]
 html_css_files = {css!r}
 '''
+
+
+EFFICIENCY_INTRO = ("Every efficiency claim of the book in one table: the measured speed-up (median of interleaved repeats in "
+                    "one process, with its 95% interval), the ratio that the arithmetic (FLOPs or bytes) predicts, and "
+                    "their quotient, how much of the predicted saving survives on this machine. The thread count and CPU "
+                    "are those of each chapter's saved run; `paperlab efficiency` prints the same table.")
 
 
 def _settings() -> dict[str, str]:
@@ -172,12 +244,17 @@ def stage_site(dest: str | os.PathLike, nbs: str | os.PathLike | None = None,
     chapters = [name for name in staged if name != "index"]
     settings = _settings()
     if "index" in staged:
-        staged["index"].cells.append(nbformat.v4.new_markdown_cell(_toctree(chapters, hidden=True)))
+        staged["index"].cells.append(nbformat.v4.new_markdown_cell(_toctree(chapters + ["efficiency"], hidden=True)))
     else:
         title = settings.get("title", "paperlab")
         (dest / "index.md").write_text(f"# {title}\n\n{settings.get('description', '')}\n\n"
-                                       + _toctree(chapters, hidden=False), encoding="utf-8")
+                                       + _toctree(chapters + ["efficiency"], hidden=False), encoding="utf-8")
     for name, nb in staged.items(): nbformat.write(nb, dest / f"{name}.ipynb")
+    write_source_pages(dest / "_static" / "source")
+    from paperlab.ledger import all_ledgers, efficiency_markdown
+    ledgers = all_ledgers(results) if results is not None and Path(results).is_dir() else {}
+    (dest / "efficiency.md").write_text("# Efficiency across the book\n\n" + EFFICIENCY_INTRO + "\n\n"
+                                        + efficiency_markdown(ledgers), encoding="utf-8")
     for img in nbs.rglob("*"):
         rel = img.relative_to(nbs)
         if img.suffix.lower() in _IMAGE_SUFFIXES and not any(part.startswith((".", "_")) for part in rel.parts):
@@ -190,7 +267,7 @@ def stage_site(dest: str | os.PathLike, nbs: str | os.PathLike | None = None,
     (dest / "conf.py").write_text(_CONF_PY.format(
         title=settings.get("title", "paperlab"), author=settings.get("author", ""),
         copyright=settings.get("copyright", ""), css=css), encoding="utf-8")
-    return ["index", *chapters]
+    return ["index", *chapters, "efficiency"]
 
 # %% ../nbs/05_docs.ipynb #ceed9b95
 def _abs(path: str | os.PathLike) -> Path:
