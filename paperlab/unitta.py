@@ -16,17 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
+from torchmetrics.functional.classification import multiclass_accuracy
 from tqdm.auto import tqdm
 
 from .core import repo_root
 
 # %% auto #0
-__all__ = ['CORRELATIONS', 'IMBALANCES', 'PAPER_FACTORS', 'CORRUPTIONS', 'ratio_list', 'compatible', 'correlation_factors',
-           'transition_matrix', 'joint_transition_matrix', 'stationary_distribution', 'Scenario', 'scenario',
-           'unitta_scenarios', 'Stream', 'sample_stream', 'marginals', 'self_transition_rates', 'visit_order',
-           'corrupt', 'write_corruptions', 'load_corruptions', 'SmallCNN', 'Source', 'BNAdapt', 'Tent', 'RobustBN2d',
-           'RBN', 'update_class_stats', 'update_class_stats_ref', 'balanced_stats', 'w2_distance', 'BDN2d', 'cofa',
-           'UniTTA', 'cat_avg_accuracy', 'run_stream', 'paper_numbers']
+__all__ = ['CORRELATIONS', 'IMBALANCES', 'PAPER_FACTORS', 'CORRUPTIONS', 'FILTER_RULES', 'ratio_list', 'compatible',
+           'correlation_factors', 'transition_matrix', 'joint_transition_matrix', 'stationary_distribution', 'Scenario',
+           'scenario', 'unitta_scenarios', 'Stream', 'sample_stream', 'marginals', 'self_transition_rates',
+           'visit_order', 'corrupt', 'write_corruptions', 'load_corruptions', 'SmallCNN', 'Source', 'BNAdapt', 'Tent',
+           'RobustBN2d', 'RBN', 'update_class_stats', 'update_class_stats_ref', 'balanced_stats', 'w2_distance',
+           'BDN2d', 'cofa', 'softmax_twice_threshold', 'UniTTA', 'cat_avg_accuracy', 'official_cat_avg_accuracy',
+           'run_stream', 'paper_numbers']
 
 # %% ../nbs/20_unitta.ipynb #56d2c6a1
 CORRELATIONS = {"i": "i.i.d.", "n": "non-i.i.d.", "1": "continual"}
@@ -48,8 +50,8 @@ def ratio_list(num_states: int, imbalance: float = 1.0) -> np.ndarray:
     "Target marginals (K,), head first: r_k ∝ ρ^(−k/(K−1)), so r_0 / r_{K−1} = ρ."
     _check_dimension(num_states, 0.0, imbalance)
     if num_states == 1: return np.ones(1)
-    r = float(imbalance) ** (-np.arange(num_states) / (num_states - 1))
-    return r / r.sum()
+    r = np.power(1 / float(imbalance) ** (1 / (num_states - 1)), np.arange(num_states))   # the official arithmetic, so the
+    return r / r.sum()                                                                      # quotas round as officially
 
 
 def compatible(num_states: int, correlation: float, imbalance: float = 1.0) -> bool:
@@ -200,7 +202,7 @@ def sample_stream(domains, classes, sc: Scenario, max_state_samples: int, seed: 
           "class": compatible(K, sc.class_correlation, sc.class_imbalance)}
     T = sc.transition_matrix()
     R = np.outer(ratio_list(D, sc.domain_imbalance), ratio_list(K, sc.class_imbalance))
-    quota = None if ok["domain"] and ok["class"] else np.round(max_state_samples * R / R[0, 0])
+    quota = None if ok["domain"] and ok["class"] else np.round(max_state_samples / R[0, 0] * R)   # official order: M / R00 · R
     cont_d, cont_c = sc.domain_correlation == 1.0, sc.class_correlation == 1.0
 
     counts = np.zeros((D, K), dtype=np.int64)
@@ -412,48 +414,55 @@ class RBN(Source):
         for parent, name, bn in _bn_layers(self.model): setattr(parent, name, RobustBN2d(bn, momentum))
 
 # %% ../nbs/20_unitta.ipynb #e81ecdb2
-def update_class_stats(mean: Tensor, var: Tensor, x: Tensor, group: Tensor, eta: float) -> tuple[Tensor, Tensor]:
-    "BDN's update of per-group statistics (G, C) with samples x (B, C, H, W) of groups `group` (B,); returns new (mean, var)."
+def update_class_stats(mean: Tensor, var: Tensor, x: Tensor, group: Tensor, eta: float,
+                       cap: bool = False) -> tuple[Tensor, Tensor]:
+    "Per-group statistics (G, C) updated with samples x (B, C, H, W) of groups `group` (B,); returns new (mean, var)."
     m = x.mean((2, 3))                                                    # (B, C)
     old = mean[group]                                                     # (B, C)
     sq = ((x - old[:, :, None, None]) ** 2).mean((2, 3))                  # (B, C)
     n = torch.zeros(len(mean), dtype=x.dtype).index_add_(0, group, torch.ones(len(group), dtype=x.dtype))
-    step = (eta * n).clamp(max=1.0) / n.clamp(min=1.0)                    # eta per sample, at most 1 per group and batch
+    # BDN (official): eta per sample, summed, no cap; TRIBE's BBN: eta per sample but at most 1/n (eta·n capped at 1)
+    step = torch.where(n > 1 / eta, 1 / n.clamp(min=1.0), torch.full_like(n, eta)) if cap else torch.full_like(n, eta)
     delta = step[:, None] * torch.zeros_like(mean).index_add_(0, group, m - old)
     dvar = step[:, None] * torch.zeros_like(var).index_add_(0, group, sq - var[group])
-    return mean + delta, (var + dvar - delta ** 2).clamp_min(0.0)
+    return mean + delta, var + dvar - delta ** 2
 
 
-def update_class_stats_ref(mean: Tensor, var: Tensor, x: Tensor, group: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+def update_class_stats_ref(mean: Tensor, var: Tensor, x: Tensor, group: Tensor, eta: float,
+                           cap: bool = False) -> tuple[Tensor, Tensor]:
     "Loop reference of `update_class_stats`: one group and one sample at a time."
     mean, var = mean.clone(), var.clone()
     for g in group.unique().tolist():
         xs = [x[i] for i in range(len(x)) if group[i] == g]
-        e = min(eta, 1.0 / len(xs))
+        e = 1.0 / len(xs) if (cap and len(xs) > 1 / eta) else eta
         mu0, v0 = mean[g].clone(), var[g].clone()
         delta = e * sum(xi.mean((1, 2)) - mu0 for xi in xs)
         var[g] = v0 + e * sum(((xi - mu0[:, None, None]) ** 2).mean((1, 2)) - v0 for xi in xs) - delta ** 2
         mean[g] = mu0 + delta
-    return mean, var.clamp_min(0.0)
+    return mean, var
 
 
-def balanced_stats(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+def balanced_stats(mean: Tensor, var: Tensor, unbiased: bool = True) -> tuple[Tensor, Tensor]:
     "Class-balanced statistics (..., C) from per-class ones (..., K, C): mean of means; mean variance + variance of means."
     mu = mean.mean(-2)
-    return mu, var.mean(-2) + ((mean - mu.unsqueeze(-2)) ** 2).mean(-2)
+    if mean.shape[-2] == 1: return mu, var.mean(-2)
+    return mu, var.mean(-2) + mean.var(-2, unbiased=unbiased)   # official: torch's default, the unbiased (K − 1) variance
 
 
 def w2_distance(m: Tensor, v: Tensor, mu: Tensor, s2: Tensor) -> Tensor:
     "Per-channel 1-D Gaussian W2² summed over channels: samples (B, C) vs domains (D, C) -> (B, D)."
     m, v, mu, s2 = m[:, None], v[:, None], mu[None], s2[None]
-    return ((m - mu) ** 2 + v + s2 - 2 * (v * s2).clamp_min(0).sqrt()).sum(-1)
+    return ((m - mu) ** 2 + v + s2 - 2 * v.sqrt() * s2.sqrt()).sum(-1)
 
 
 class BDN2d(nn.Module):
     "Balanced Domain Normalization: per-(domain, class) statistics; controlled by `.labels`, `.domains`, `.update`."
-    def __init__(self, bn: nn.BatchNorm2d, num_classes: int, max_domains: int = 16, eta: float = 0.01):
+    def __init__(self, bn: nn.BatchNorm2d, num_classes: int, max_domains: int = 16, eta: float = 0.01,
+                 unbiased: bool = True, cap: bool = False):
         super().__init__()
-        self.K, self.eta, self.eps = num_classes, eta, 1e-5
+        if not 0 < eta <= 1: raise ValueError(f"eta must lie in (0, 1], got {eta!r}")
+        self.K, self.eta, self.eps, self.bbn_eps = num_classes, eta, 1e-5, bn.eps   # official: BDN hard-codes 1e-5, BBN uses bn.eps
+        self.unbiased, self.cap = unbiased, cap
         C = bn.num_features
         src_m, src_v = bn.running_mean.detach().clone(), bn.running_var.detach().clone()
         self.register_buffer("global_mean", src_m.expand(num_classes, C).clone())
@@ -468,25 +477,27 @@ class BDN2d(nn.Module):
 
     def domain_stats(self) -> tuple[Tensor, Tensor]:
         "Balanced statistics of every domain slot: (max_domains, C) means and variances."
-        return balanced_stats(self.local_mean, self.local_var)
+        return balanced_stats(self.local_mean, self.local_var, self.unbiased)
 
     def forward(self, x: Tensor) -> Tensor:
         self.sample_stats = (x.mean((2, 3)), x.var((2, 3), unbiased=False))
-        if self.domains is None:   # class-balanced global statistics (TRIBE's BBN)
+        if self.domains is None:   # class-balanced global statistics (TRIBE's BBN: capped step, bn.eps)
             if self.update and self.labels is not None:
-                self.global_mean, self.global_var = update_class_stats(self.global_mean, self.global_var, x, self.labels, self.eta)
-            mu, s2 = balanced_stats(self.global_mean, self.global_var)
-            mu, s2 = mu.expand(len(x), -1), s2.expand(len(x), -1)
+                self.global_mean, self.global_var = update_class_stats(self.global_mean, self.global_var, x, self.labels,
+                                                                       self.eta, cap=True)
+            mu, s2 = balanced_stats(self.global_mean, self.global_var, self.unbiased)
+            mu, s2, eps = mu.expand(len(x), -1), s2.expand(len(x), -1), self.bbn_eps
         else:
             if self.update and self.labels is not None:
                 Dm = self.local_mean.shape[0]
                 lm, lv = update_class_stats(self.local_mean.view(Dm * self.K, -1), self.local_var.view(Dm * self.K, -1), x,
-                                            self.domains * self.K + self.labels, self.eta)
+                                            self.domains * self.K + self.labels, self.eta, cap=self.cap)
                 self.local_mean, self.local_var = lm.view_as(self.local_mean), lv.view_as(self.local_var)
             mu, s2 = self.domain_stats()
-            mu, s2 = mu[self.domains], s2[self.domains]
-        xhat = (x - mu[:, :, None, None]) / (s2[:, :, None, None] + self.eps).sqrt()
+            mu, s2, eps = mu[self.domains], s2[self.domains], self.eps
+        xhat = (x - mu[:, :, None, None]) / (s2[:, :, None, None] + eps).sqrt()
         return xhat * self.weight[:, None, None] + self.bias[:, None, None]
+
 
 # %% ../nbs/20_unitta.ipynb #0cd2a779
 def cofa(feats: Tensor, classifier: nn.Module, last: Tensor | None = None, filt: bool = True) -> tuple[Tensor, Tensor]:
@@ -500,31 +511,42 @@ def cofa(feats: Tensor, classifier: nn.Module, last: Tensor | None = None, filt:
     return p_new, feats[-1].detach()
 
 
+FILTER_RULES = ("official", "single")
+
+
+def softmax_twice_threshold(num_classes: int) -> float:
+    "The largest top probability softmax can give a probability vector: e / (e + K − 1), at a one-hot input."
+    return float(np.e / (np.e + num_classes - 1))
+
+
 class UniTTA(Source):
     "UniTTA = BDN (every BN layer) + COFA, three forwards per batch; `bdn=False` gives COFA alone, `use_cofa=False` BDN alone."
     def __init__(self, model: nn.Module, num_classes: int, eta: float = 0.01, max_domains: int = 16,
-                 domain_layer: int = 0, bdn: bool = True, use_cofa: bool = True, oracle: bool = False, filt: bool = True):
+                 domain_layer: int = 0, bdn: bool = True, use_cofa: bool = True, oracle: bool = False, filt: bool = True,
+                 filter_rule: str = "official", unbiased: bool = True, cap: bool = False):
         super().__init__(model)
-        self.bdn, self.use_cofa, self.oracle, self.filt = bdn, use_cofa, oracle, filt
+        if filter_rule not in FILTER_RULES: raise ValueError(f"filter_rule must be one of {FILTER_RULES}, got {filter_rule!r}")
+        self.bdn, self.use_cofa, self.oracle, self.filt, self.filter_rule = bdn, use_cofa, oracle, filt, filter_rule
         self.layers: list[BDN2d] = []
         if bdn:
             for parent, name, bn in _bn_layers(self.model):
-                layer = BDN2d(bn, num_classes, max_domains, eta); setattr(parent, name, layer); self.layers.append(layer)
+                layer = BDN2d(bn, num_classes, max_domains, eta, unbiased, cap); setattr(parent, name, layer); self.layers.append(layer)
             if not 0 <= domain_layer < len(self.layers):
                 raise ValueError(f"domain_layer must lie in [0, {len(self.layers)}), got {domain_layer}")
         self.domain_layer, self.max_domains, self.active = domain_layer, max_domains, 2
-        self.last: dict[int, Tensor | None] = {2: None, 3: None}
+        self.last: dict[int, Tensor | None] = {1: None, 2: None, 3: None}
         self.predicted_domains: list[Tensor] = []
+        self.forward2_share: list[float] = []   # per batch: the share of samples whose output comes from forward 2
 
     def _set(self, labels, domains, update) -> None:
         "Set the control attributes of every BDN layer."
         for layer in self.layers: layer.labels, layer.domains, layer.update = labels, domains, update
 
-    def _head(self, x: Tensor, memory: int) -> Tensor:
-        "Probabilities (B, K) of one forward, with COFA on the features if enabled."
+    def _head(self, x: Tensor, memory: int, filt: bool = True) -> Tensor:
+        "Probabilities (B, K) of one forward, with COFA (last-feature memory slot `memory`) on the features if enabled."
         f = self.model.features(x)
         if not self.use_cofa: return self.model.fc(f).softmax(1)
-        p, self.last[memory] = cofa(f, self.model.fc, self.last[memory], self.filt)
+        p, self.last[memory] = cofa(f, self.model.fc, self.last[memory], filt)
         return p
 
     def predict_domains(self) -> Tensor:
@@ -538,9 +560,9 @@ class UniTTA(Source):
 
     @torch.no_grad()
     def __call__(self, x: Tensor, domains: Tensor | None = None) -> Tensor:
-        if not self.bdn: return self._head(x, 2)
+        if not self.bdn: return self._head(x, 2, self.filt)
         self._set(None, None, False)
-        labels = self.model(x).argmax(1)                     # forward 1: pseudo-labels from class-balanced global stats
+        labels = self._head(x, 1).argmax(1)                  # forward 1: pseudo-labels (class-balanced global stats, COFA slot 1)
         self._set(labels, None, True)
         p2 = self._head(x, 2)                                # forward 2: update BBN, record the domain layer's statistics
         d = domains if (self.oracle and domains is not None) else self.predict_domains()
@@ -548,30 +570,60 @@ class UniTTA(Source):
         self._set(labels, d, True)
         p3 = self._head(x, 3)                                # forward 3: update (domain, class) stats, normalise per domain
         self._set(None, None, False)
-        if not self.filt: return p3
-        return torch.where((p2.max(1).values > p3.max(1).values)[:, None], p2, p3)
+        if not self.filt or self.oracle: return p3           # official "upper" mode returns forward 3
+        # official update_model: COFA already returns probabilities and is softmaxed again, so forward 2 competes with
+        # max softmax(p2) <= e / (e + K - 1); "single" compares the probabilities themselves
+        s2 = p2.softmax(1) if (self.use_cofa and self.filter_rule == "official") else p2
+        keep2 = s2.max(1).values >= p3.max(1).values
+        self.forward2_share.append(float(keep2.float().mean()))
+        return torch.where(keep2[:, None], s2, p3)
+
 
 # %% ../nbs/20_unitta.ipynb #df1171ad
+def _metric_arrays(pred, y, domains) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "pred, y, domains as int arrays (N,) of one shape; ValueError otherwise."
+    pred, y, domains = (np.asarray(a) for a in (pred, y, domains))
+    if not pred.shape == y.shape == domains.shape or pred.ndim != 1:
+        raise ValueError(f"pred, y and domains must be 1-D with the same shape, got {pred.shape}, {y.shape}, {domains.shape}")
+    return pred.astype(np.int64), y.astype(np.int64), domains.astype(np.int64)
+
+
 def cat_avg_accuracy(pred: np.ndarray, y: np.ndarray, domains: np.ndarray) -> float:
     "Mean over domains of the mean over classes (present in that domain) of the accuracy; arrays (N,)."
-    pred, y, domains = map(np.asarray, (pred, y, domains))
-    if not pred.shape == y.shape == domains.shape:
-        raise ValueError(f"pred, y and domains must have the same shape, got {pred.shape}, {y.shape}, {domains.shape}")
+    pred, y, domains = _metric_arrays(pred, y, domains)
     per_dom = [np.mean([(pred[(domains == d) & (y == k)] == k).mean() for k in np.unique(y[domains == d])])
                for d in np.unique(domains)]
     return float(np.mean(per_dom))
 
 
+def official_cat_avg_accuracy(pred: np.ndarray, y: np.ndarray, domains: np.ndarray, num_domains: int, num_classes: int) -> float:
+    "TTA.py's 'per domain catAvgAcc': confusion over domain·K + class, (diag + 1e-5)/(row + 1e-5), mean over K then D."
+    pred, y, domains = _metric_arrays(pred, y, domains)
+    D, K = num_domains, num_classes
+    if pred.size and (min(pred.min(), y.min()) < 0 or max(pred.max(), y.max()) >= K or domains.min() < 0 or domains.max() >= D):
+        raise ValueError(f"pred and y must lie in [0, {K}) and domains in [0, {D})")
+    cm = np.zeros((D * K, D * K))
+    np.add.at(cm, (domains * K + y, domains * K + pred), 1)
+    acc = (np.diag(cm) + 1e-5) / (cm.sum(1) + 1e-5)   # a class absent from a domain scores 1.0, predicted or not
+    return float(acc.reshape(D, K).mean(1).mean())
+
+
 def run_stream(method, ds: TensorDataset, stream: Stream, batch_size: int = 32) -> dict:
-    "Feed `stream` of `ds` = (x, class, domain) to `method` in batches; accuracy, catAvgAcc and predictions."
+    "Feed `stream` of `ds` = (x, class, domain) to `method` in batches: accuracy, both catAvgAcc and the predictions."
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     x, y, d = ds.tensors[:3]
     preds = []
     for s in range(0, len(stream), batch_size):
         idx = torch.as_tensor(stream.indices[s:s + batch_size])
         preds.append(method(x[idx], d[idx]).argmax(1))
-    pred = torch.cat(preds).numpy()
-    yy = y[torch.as_tensor(stream.indices)].numpy()
-    return dict(acc=float((pred == yy).mean()), cat_acc=cat_avg_accuracy(pred, yy, stream.domains), pred=pred)
+    pred = torch.cat(preds)
+    yy = y[torch.as_tensor(stream.indices)]
+    sc = stream.scenario
+    return dict(acc=float(multiclass_accuracy(pred, yy, num_classes=sc.num_classes, average="micro")),
+                cat_acc=official_cat_avg_accuracy(pred.numpy(), yy.numpy(), stream.domains, sc.num_domains, sc.num_classes),
+                cat_acc_present=cat_avg_accuracy(pred.numpy(), yy.numpy(), stream.domains), pred=pred.numpy())
+
 
 # %% ../nbs/20_unitta.ipynb #ecec7324
 def paper_numbers() -> dict:

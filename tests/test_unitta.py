@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from paperlab.core import repo_root
 from paperlab.unitta import (BDN2d, CORRUPTIONS, SmallCNN, Source, BNAdapt, UniTTA, balanced_stats, cat_avg_accuracy, cofa,
+                             official_cat_avg_accuracy, softmax_twice_threshold,
                              compatible, correlation_factors, corrupt, joint_transition_matrix, load_corruptions,
                              marginals, paper_numbers, ratio_list, run_stream, sample_stream, scenario,
                              self_transition_rates, stationary_distribution, transition_matrix, unitta_scenarios,
@@ -163,14 +165,31 @@ def test_corruptions_and_loader(tmp_path):
         load_corruptions(tmp_path, ["contrast"])
 
 
+@pytest.mark.parametrize("cap", [False, True])
 @pytest.mark.parametrize("eta", [0.01, 0.1, 0.4, 1.0])
-def test_update_matches_loop_reference(eta):
+def test_update_matches_loop_reference(eta, cap):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20, 4, 3, 3, generator=g)
     grp = torch.randint(0, 6, (20,), generator=g)
     m0, v0 = torch.randn(6, 4, generator=g), torch.rand(6, 4, generator=g) + 0.1
-    for a, b in zip(update_class_stats(m0, v0, x, grp, eta), update_class_stats_ref(m0, v0, x, grp, eta)):
+    for a, b in zip(update_class_stats(m0, v0, x, grp, eta, cap), update_class_stats_ref(m0, v0, x, grp, eta, cap)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_class_balanced_variance_closed_form():
+    # class means [0, 2], within-class variance 1: 1 + unbiased Var([0, 2]) = 1 + 2 = 3 (official); law of total variance: 2
+    mu, var = balanced_stats(torch.tensor([[0.0], [2.0]]), torch.ones(2, 1))
+    assert mu.item() == 1.0 and var.item() == 3.0
+    assert balanced_stats(torch.tensor([[0.0], [2.0]]), torch.ones(2, 1), unbiased=False)[1].item() == 2.0
+
+
+def test_uncapped_step_is_eta_per_sample():
+    # BDN (official): eta·n is not capped, so 4 samples at eta = 0.5 move the mean by 2 × the mean offset (overshoot)
+    x = torch.ones(4, 1, 2, 2)
+    m, _ = update_class_stats(torch.zeros(1, 1), torch.ones(1, 1), x, torch.zeros(4, dtype=torch.long), 0.5)
+    assert m.item() == 2.0
+    m, _ = update_class_stats(torch.zeros(1, 1), torch.ones(1, 1), x, torch.zeros(4, dtype=torch.long), 0.5, cap=True)
+    assert m.item() == 1.0   # TRIBE's BBN: eta·n capped at 1, the batch's own mean
 
 
 def test_bdn_with_one_domain_is_class_balanced_bn():
@@ -184,7 +203,7 @@ def test_bdn_with_one_domain_is_class_balanced_bn():
     layer.labels, layer.domains, layer.update = lab, torch.zeros(6, dtype=torch.long), True
     out = layer(x)
     mk, vk = update_class_stats_ref(torch.zeros(3, 2), torch.ones(3, 2), x, lab, 0.3)
-    mu = mk.mean(0); var = vk.mean(0) + ((mk - mu) ** 2).mean(0)
+    mu = mk.mean(0); var = vk.mean(0) + ((mk - mu) ** 2).sum(0) / 2          # unbiased over the 3 classes, as officially
     ref = nn.functional.batch_norm(x, mu, var, bn.weight, bn.bias, False, 0.0, 1e-5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -200,7 +219,7 @@ def test_balanced_stats_equal_pooled_stats_of_equal_classes():
     g = torch.Generator().manual_seed(2)
     xs = [torch.randn(30, 3, generator=g) * (k + 1) + 2 * k for k in range(5)]
     mk = torch.stack([a.mean(0) for a in xs]); vk = torch.stack([a.var(0, unbiased=False) for a in xs])
-    mu, var = balanced_stats(mk, vk)
+    mu, var = balanced_stats(mk, vk, unbiased=False)
     pooled = torch.cat(xs)
     torch.testing.assert_close(mu, pooled.mean(0)); torch.testing.assert_close(var, pooled.var(0, unbiased=False), atol=1e-4, rtol=1e-4)
 
@@ -254,3 +273,126 @@ def test_scenario_matrix_is_the_kronecker_product():
     T = sc.transition_matrix()
     np.testing.assert_allclose(T, np.kron(transition_matrix(4, 0.25, 5, strict=False), transition_matrix(5, 0.95, 10)))
     np.testing.assert_allclose(T.sum(1), 1)
+
+
+# ---- golden outputs of the official code (data/unitta/golden/README.md says how they were made) ----
+GOLDEN = repo_root() / "data" / "unitta" / "golden"
+
+
+def test_golden_transition_matrices():
+    gold = np.load(GOLDEN / "transition_matrices.npz")
+    for key in (k for k in gold.files if k.startswith("T")):
+        K, c, rho = gold["params" + key[1:]]
+        T = transition_matrix(int(K), float(c), float(rho), strict=False)
+        assert np.abs(T - gold[key]).max() < 1e-12, (K, c, rho)
+    joint = np.load(GOLDEN / "joint_matrices.npz")
+    for code in joint.files:
+        assert np.abs(scenario(code, 6, 10).transition_matrix() - joint[code]).max() < 1e-12, code
+    # sensitivity: the 'nunu' matrix with the class factor 0.95 -> 0.94 is far from the golden one
+    T = joint_transition_matrix(transition_matrix(6, 0.85, 5), transition_matrix(10, 0.94, 10))
+    assert np.abs(T - joint["nunu"]).max() > 1e-3
+
+
+def test_golden_quota_stream_lengths():
+    import json
+    rows = json.loads((GOLDEN / "quota_lengths.json").read_text())
+    for r in rows:
+        D, K, M = r["num_domains"], r["num_classes"], r["max_state_samples"]
+        if M > 25: continue   # the longer ones take a few seconds each; the notebook checks them
+        d, k = labels(D, K, 3)
+        st = sample_stream(d, k, scenario(r["code"], D, K), M, seed=0)
+        assert len(st) == r["length"], r["code"]
+        counts = np.asarray(r["counts"])   # the quotas bind per state, per domain or per class, by which dimension is incompatible
+        if not st.compatible["domain"] and not st.compatible["class"]: np.testing.assert_array_equal(st.counts, counts)
+        elif not st.compatible["domain"]: np.testing.assert_array_equal(st.counts.sum(1), counts.sum(1))
+        else: np.testing.assert_array_equal(st.counts.sum(0), counts.sum(0))
+
+
+def _golden_bdn_layer(g):
+    bn = nn.BatchNorm2d(len(g["weight"])).double()
+    bn.running_mean.copy_(torch.from_numpy(g["running_mean"])); bn.running_var.copy_(torch.from_numpy(g["running_var"]))
+    bn.weight.data.copy_(torch.from_numpy(g["weight"])); bn.bias.data.copy_(torch.from_numpy(g["bias"])); bn.eps = float(g["eps"])
+    return BDN2d(bn, int(g["num_classes"]), int(g["num_domains"]), float(g["eta"]))
+
+
+def _run_golden_bdn(layer, g):
+    "Max abs difference to the official BBN/BDN over three steps of forward 2 then forward 3."
+    err = 0.0
+    K = int(g["num_classes"])
+    for t in range(3):
+        x = torch.from_numpy(g[f"x{t}"]); lab = torch.from_numpy(g[f"labels{t}"]); dom = torch.from_numpy(g[f"domains{t}"])
+        layer.labels, layer.domains, layer.update = lab, None, True
+        y2 = layer(x)
+        layer.labels, layer.domains, layer.update = lab, dom, True
+        y3 = layer(x)
+        dm, dv = layer.domain_stats()
+        for a, b in [(y2, g[f"y2_{t}"]), (y3, g[f"y3_{t}"]), (layer.global_mean, g[f"bbn_local_mean{t}"]),
+                     (layer.global_var, g[f"bbn_local_var{t}"]), (layer.local_mean.reshape(-1, layer.local_mean.shape[-1]), g[f"local_mean{t}"]),
+                     (layer.local_var.reshape(-1, layer.local_var.shape[-1]), g[f"local_var{t}"]), (dm, g[f"domain_mean{t}"]),
+                     (dv, g[f"domain_var{t}"])]:
+            err = max(err, float(np.abs(a.detach().numpy() - b).max()))
+    assert K == layer.K
+    return err
+
+
+def test_golden_bdn_fixed_batches():
+    g = np.load(GOLDEN / "bdn_batch.npz")
+    assert _run_golden_bdn(_golden_bdn_layer(g), g) < 1e-12
+    np.testing.assert_array_equal(balanced_stats(torch.tensor([[0.0], [2.0]]), torch.ones(2, 1))[1].numpy(), g["closed_form_var"])
+    # sensitivity: the paper's law of total variance (biased over classes), or a cap on BDN's step, is far from the official numbers
+    layer = _golden_bdn_layer(g); layer.unbiased = False
+    assert _run_golden_bdn(layer, g) > 1e-3
+    # ... and so is TRIBE's BBN step without its cap (class 0 has 6 samples at eta = 0.25 in the first batch: eta·n = 1.5)
+    x0, lab0 = torch.from_numpy(g["x0"]), torch.from_numpy(g["labels0"])
+    src_m = torch.from_numpy(g["running_mean"]).expand(4, -1); src_v = torch.from_numpy(g["running_var"]).expand(4, -1)
+    capped = update_class_stats(src_m, src_v, x0, lab0, 0.25, cap=True)[0]
+    uncapped = update_class_stats(src_m, src_v, x0, lab0, 0.25, cap=False)[0]
+    assert np.abs(capped.numpy() - g["bbn_local_mean0"]).max() < 1e-12 and np.abs(uncapped.numpy() - g["bbn_local_mean0"]).max() > 1e-3
+    w2 = w2_distance(*(torch.from_numpy(g[k]) for k in ("w2_bm", "w2_bv", "w2_dm", "w2_dv")))
+    assert np.abs(w2.numpy() - g["w2"]).max() < 1e-12
+
+
+def test_golden_metric():
+    g = np.load(GOLDEN / "metric.npz")
+    ours = official_cat_avg_accuracy(g["pred"], g["y"], g["domains"], int(g["num_domains"]), int(g["num_classes"]))
+    assert abs(ours - float(g["cat_avg"])) < 1e-12
+    # the quirk: class 3 is absent from domain 1 but predicted there, and scores 1.0; the present-class mean differs
+    assert abs(cat_avg_accuracy(g["pred"], g["y"], g["domains"]) - ours) > 1e-3
+    pred = g["pred"].copy(); pred[0] = (pred[0] + 1) % 4          # sensitivity: one prediction changed
+    assert abs(official_cat_avg_accuracy(pred, g["y"], g["domains"], 3, 4) - ours) > 1e-4
+    with pytest.raises(ValueError, match="lie in"):
+        official_cat_avg_accuracy(np.array([0, 5]), np.array([0, 1]), np.array([0, 0]), 1, 4)
+
+
+def _golden_unitta(g, **kw):
+    "Max abs difference of paperlab's UniTTA to the official UNITTA adapter's outputs over 10 batches, and domain agreement."
+    model = SmallCNN(num_classes=10, width=4).double()
+    model.load_state_dict({k[6:]: torch.from_numpy(g[k]) for k in g.files if k.startswith("state.")})   # same parameter names
+    filt = kw.pop("filt", True)
+    u = UniTTA(model, 10, eta=0.05, domain_layer=0, filt=filt, **kw)
+    err, same = 0.0, True
+    for t in range(10):
+        p = u(torch.from_numpy(g[f"x{t}"]))
+        err = max(err, float(np.abs(p.numpy() - g[f"probs_filt{int(filt)}_{t}"]).max()))
+        same &= bool(np.array_equal(u.predicted_domains[-1].numpy(), g[f"domain_filt{int(filt)}_{t}"]))
+    return err, same, u
+
+
+@pytest.mark.parametrize("filt", [True, False])
+def test_golden_unitta_adapter(filt):
+    g = np.load(GOLDEN / "unitta_adapter.npz")
+    err, same, u = _golden_unitta(g, filt=filt)
+    assert err < 1e-12 and same
+    assert u.active == int(g[f"num_domains_filt{int(filt)}"])
+    if filt:   # sensitivity: the single-softmax filter rule gives other outputs on the same stream
+        err1, _, _ = _golden_unitta(g, filt=True, filter_rule="single")
+        assert err1 > 1e-3
+
+
+def test_softmax_twice_threshold():
+    K = 10
+    assert softmax_twice_threshold(K) == pytest.approx(np.e / (np.e + 9)) and round(softmax_twice_threshold(K), 3) == 0.232
+    p = torch.zeros(1, K); p[0, 3] = 1.0                               # the most confident probability vector
+    assert p.softmax(1).max().item() == pytest.approx(softmax_twice_threshold(K))
+    with pytest.raises(ValueError, match="filter_rule"):
+        UniTTA(SmallCNN(num_classes=4, width=4), 4, filter_rule="double")
