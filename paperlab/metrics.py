@@ -6,52 +6,70 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
 # %% auto #0
-__all__ = ['frechet_distance', 'kid', 'DigitsNet', 'digits_classifier', 'sample_quality']
+__all__ = ['FeatureExtractor', 'frechet_distance', 'kid', 'DigitsNet', 'digits_classifier', 'sample_quality']
 
 # %% ../nbs/08_metrics.ipynb #c340476b
-def _sqrt_psd(a: np.ndarray) -> np.ndarray:
-    "Symmetric square root of a positive semi-definite matrix."
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+class FeatureExtractor(nn.Module):
+    "A feature function as torchmetrics wants it: a module mapping a batch to (N, D) features, with `num_features` = D."
+    def __init__(self, fn: Callable[[Tensor], Tensor], num_features: int):
+        super().__init__()
+        self.fn, self.num_features = fn, num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        "(N, ...) -> (N, D) in float64."
+        f = self.fn(x)
+        if f.dim() != 2 or f.shape[1] != self.num_features:
+            raise ValueError(f"the feature function gave {tuple(f.shape)}, expected (N, {self.num_features})")
+        return f.double()
+
+
+def _as_features(f1: Tensor | np.ndarray, f2: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+    "Two (N, D) float64 feature tensors with the same D, or ValueError."
+    f1, f2 = torch.as_tensor(np.asarray(f1), dtype=torch.float64), torch.as_tensor(np.asarray(f2), dtype=torch.float64)
+    if f1.dim() != 2 or f2.dim() != 2 or f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"need two (N, D) feature sets with the same D, got {tuple(f1.shape)} and {tuple(f2.shape)}")
+    return f1, f2
 
 
 def frechet_distance(f1: Tensor | np.ndarray, f2: Tensor | np.ndarray) -> float:
-    "Fréchet distance between Gaussians fitted to features f1 (N, D) and f2 (M, D)."
-    f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
-    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
-        raise ValueError(f"need two (N, D) feature sets with the same D and N >= 2, got {f1.shape} and {f2.shape}")
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    r1 = _sqrt_psd(s1)
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+    "Fréchet distance (torchmetrics' FID formula) between Gaussians fitted to features f1 (N, D) and f2 (M, D)."
+    f1, f2 = _as_features(f1, f2)
+    if min(len(f1), len(f2)) < 2:
+        raise ValueError(f"need N >= 2 in both feature sets, got {tuple(f1.shape)} and {tuple(f2.shape)}")
+    fid = FrechetInceptionDistance(feature=FeatureExtractor(nn.Identity(), f1.shape[1]))
+    fid.update(f1, real=False); fid.update(f2, real=True)
+    return float(fid.compute())
 
 # %% ../nbs/08_metrics.ipynb #b399ee52
 def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
-    "Unbiased MMD² with the cubic polynomial kernel between equal-size sets x, y (n, D)."
+    "Naive unbiased MMD² with the cubic polynomial kernel between equal-size sets x, y (n, D): the reference for the library."
     d, n = x.shape[1], len(x)
     kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
     return float((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean())
 
 
 def kid(f1: Tensor | np.ndarray, f2: Tensor | np.ndarray, subset_size: int = 100, subsets: int = 20, seed: int = 0) -> float:
-    "Kernel Inception Distance (unbiased MMD², cubic kernel) between features (N, D) and (M, D), mean over subsets."
-    f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
-    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
-        raise ValueError(f"need two (N, D) feature sets with the same D, got {f1.shape} and {f2.shape}")
+    "Kernel Inception Distance (torchmetrics: unbiased MMD², cubic kernel) between features (N, D) and (M, D), mean over seeded subsets."
+    f1, f2 = _as_features(f1, f2)
     m = min(subset_size, len(f1), len(f2))
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
-    rng = np.random.default_rng(seed)
-    return float(np.mean([_mmd2_unbiased(f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)])
-                          for _ in range(subsets)]))
+    metric = KernelInceptionDistance(feature=FeatureExtractor(nn.Identity(), f1.shape[1]), subsets=subsets, subset_size=m)
+    metric.update(f1, real=False); metric.update(f2, real=True)
+    with torch.random.fork_rng():   # the library draws its subsets from torch's global generator
+        torch.manual_seed(seed)
+        mean, _ = metric.compute()
+    return float(mean)
 
 # %% ../nbs/08_metrics.ipynb #ae875bfc
 class DigitsNet(nn.Module):
@@ -64,9 +82,11 @@ class DigitsNet(nn.Module):
         self.head = nn.Linear(64, 10)
 
     def features(self, x: Tensor) -> Tensor:
+        "(B, 1, 16, 16) -> (B, 64) penultimate activations."
         return self.body(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        "(B, 1, 16, 16) -> (B, 10) logits."
         return self.head(self.body(x))
 
 
@@ -88,12 +108,22 @@ def digits_classifier(seed: int = 0, epochs: int = 15) -> DigitsNet:
 
 
 @torch.no_grad()
-def sample_quality(samples: Tensor, labels: Tensor, reference: Tensor, seed: int = 0) -> dict[str, float]:
-    "Fréchet distance and KID of `samples` against `reference` images, and the classifier's accuracy on the labels."
+def sample_quality(samples: Tensor, labels: Tensor, reference: Tensor, seed: int = 0,
+                   kid_subset_size: int = 100, kid_subsets: int = 20) -> dict[str, float]:
+    "Fréchet distance and KID (torchmetrics, on the digits network's features) of `samples` against `reference`, and class accuracy."
     if samples.shape[1:] != (1, 16, 16) or reference.shape[1:] != (1, 16, 16):
         raise ValueError(f"expected (N, 1, 16, 16) images, got {tuple(samples.shape)} and {tuple(reference.shape)}")
     net = digits_classifier(seed)
-    fs, fr = net.features(samples.clamp(-1, 1)), net.features(reference)
-    acc = (net.head(fs).argmax(1) == labels).float().mean().item()
+    samples = samples.clamp(-1, 1)
+    fr = net.features(reference)
     rms = fr.pow(2).mean().sqrt()   # the cubic kernel assumes features of unit scale (as Inception's are)
-    return {"fd": frechet_distance(fs, fr), "kid": kid(fs / rms, fr / rms, seed=seed), "class_acc": acc}
+    fid = FrechetInceptionDistance(feature=FeatureExtractor(net.features, 64))
+    kid_metric = KernelInceptionDistance(feature=FeatureExtractor(lambda x: net.features(x) / rms, 64), subsets=kid_subsets,
+                                         subset_size=min(kid_subset_size, len(samples), len(reference)))
+    for metric in (fid, kid_metric):
+        metric.update(samples, real=False); metric.update(reference, real=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        kid_mean, _ = kid_metric.compute()
+    acc = (net(samples).argmax(1) == labels).float().mean().item()
+    return {"fd": float(fid.compute()), "kid": float(kid_mean), "class_acc": acc}
