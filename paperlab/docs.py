@@ -160,6 +160,7 @@ def stage_notebook(src: str | os.PathLike, results: str | os.PathLike | None = N
     src = Path(src)
     done = executed_path(src, results)
     source_nb = nbformat.read(src, as_version=4)
+    module = default_exp(source_nb)   # before the cells are filtered: the directive cell is hidden from the page
     nb = nbformat.read(done, as_version=4) if done.exists() else source_nb
     nb.metadata.pop("widgets", None)  # saved widget state makes myst-nb load the widget manager from a CDN
     nb.metadata.setdefault("language_info", {"name": "python", "pygments_lexer": "ipython3"})  # for highlighting
@@ -174,7 +175,6 @@ def stage_notebook(src: str | os.PathLike, results: str | os.PathLike | None = N
         _insert_after_title(nb, _admonition("note", "Outputs may be out of date",
             f"The code of `nbs/{src.name}` has changed since it was last executed. "
             f"Run `paperlab reproduce {chapter}` to refresh the outputs."))
-    module = default_exp(source_nb)
     if module and importlib.util.find_spec(f"paperlab.{module}") is not None:
         nb.cells.append(api_reference_cell(module))
     return nb, done.exists()
