@@ -1,6 +1,10 @@
 # paperlab: the two commands of the README, and a few helpers.
 #   make book   install into .venv, run every chapter in full mode, write results/ and the docs site _docs/
 #   make test   install into .venv if needed, run every notebook in quick mode (nbdev_test) and pytest tests/
+#   make lab    JupyterLab on nbs/ with the project's environment as its kernel
+#   make verify the book as its users meet it: every chapter run in quick mode into $(QUICK), rerun under nbval
+#               and compared output by output, the docs site built from those runs, and browser tests of the
+#               site and of JupyterLab (Playwright with the system Chromium; .ci/run installs it)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,8 +12,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.paperlab-installed
 # torch and torchvision go in first, as the pinned pair named in settings.ini (the one place versions are pinned)
 TORCH_PINS := $(shell sed -n 's/^torch_pins *= *//p' settings.ini)
+# where `make verify` keeps its quick-mode runs and their docs site (never results/, which holds the book's full runs)
+QUICK ?= _build/quick
+# pytest exits with 5 when it collected no tests: say so instead of failing
+PYTEST_OK_IF_EMPTY := rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
-.PHONY: book test lint install export clean-nbs readme docs reproduce-quick clean
+.PHONY: book test lint install export clean-nbs readme docs reproduce-quick clean lab kernel verify nbval browser
 
 $(STAMP): settings.ini setup.py
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -27,12 +35,45 @@ lint: install
 test: install lint
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  OMP_NUM_THREADS=1 PAPERLAB_MODE=quick PAPERLAB_RESULTS="$$tmp" $(BIN)/nbdev_test --n_workers 2 --timing && \
-	  PAPERLAB_MODE=quick PAPERLAB_RESULTS="$$tmp" $(PY) -m pytest -q tests
+	  PAPERLAB_MODE=quick PAPERLAB_RESULTS="$$tmp" $(PY) -m pytest -q tests --ignore=tests/test_browser.py; \
+	  $(PYTEST_OK_IF_EMPTY)
 
 book: install
 	$(BIN)/paperlab reproduce --all --mode full
 	$(BIN)/paperlab docs build --out _docs
 	$(BIN)/paperlab docs readme
+
+# the kernel "python3" of JupyterLab is this environment's Python: registered inside the venv (--sys-prefix) with its
+# absolute path, so it holds whichever jupyter finds it; ROOT=1 adds --allow-root (needed when running as root)
+kernel: install
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (paperlab)" >/dev/null
+
+LAB_ARGS ?=
+lab: kernel
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter lab --ServerApp.root_dir=nbs $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+# every chapter in quick mode into $(QUICK), then nbval reruns them, then the site and the browser tests
+verify: install kernel
+	OMP_NUM_THREADS=1 $(BIN)/paperlab --results $(QUICK) reproduce --all --mode quick
+	$(MAKE) --no-print-directory nbval
+	PAPERLAB_RESULTS=$(QUICK) $(BIN)/paperlab docs build --out $(QUICK)/_docs
+	$(MAKE) --no-print-directory browser
+
+# rerun each executed quick-mode notebook of $(QUICK) and compare it with the stored run, output by output; times, paths
+# and addresses go through tests/nbval_sanitize.cfg. Reruns write into a scratch folder, never over the stored runs.
+NBVAL_NBS = $(filter-out $(QUICK)/_docs/%,$(wildcard $(QUICK)/*/*.ipynb))
+nbval: kernel
+	@test -n "$(NBVAL_NBS)" || { echo "no executed notebooks in $(QUICK)/: run make verify (or paperlab --results $(QUICK) reproduce --all --mode quick)"; exit 1; }
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  OMP_NUM_THREADS=1 PAPERLAB_MODE=quick PAPERLAB_RESULTS="$$tmp" PAPERLAB_LEDGERS="$(abspath $(QUICK))" \
+	  MPLBACKEND=module://matplotlib_inline.backend_inline \
+	  $(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+	    $(NBVAL_NBS)
+
+# the docs site of $(QUICK)/_docs and JupyterLab in headless Chromium
+browser: install
+	PAPERLAB_DOCS="$(abspath $(QUICK))/_docs" PAPERLAB_RESULTS="$(abspath $(QUICK))" $(PY) -m pytest -q -rs tests/test_browser.py; \
+	  $(PYTEST_OK_IF_EMPTY)
 
 # README.md is generated from nbs/index.ipynb (its executed copy in results/index/ when there is one)
 readme: install
