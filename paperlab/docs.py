@@ -108,8 +108,13 @@ def source_line(obj: object) -> int:
 def api_entry(name: str, obj: object, module: str, prefix: str = "") -> str:
     "One `show_doc` entry in Markdown, its source link pointing at the site's own highlighted source."
     from nbdev.showdoc import show_doc
-    entry = show_doc(obj, name=name, title_level=3)._repr_markdown_()
     link = f"[source]({prefix}_static/source/{module}.py.html#L-{source_line(obj)})"
+    try:
+        entry = show_doc(obj, name=name, title_level=3)._repr_markdown_()
+    except NameError:  # an annotation names a type imported only where it is used: show the signature unevaluated
+        kind = "class" if inspect.isclass(obj) else "def"
+        entry = (f"---\n\n[source](#)\n\n### {name}\n\n```python\n{kind} {name.split('.')[-1]}{inspect.signature(obj)}\n```\n\n"
+                 f"*{inspect.getdoc(obj) or ''}*")
     return re.sub(r"\[source\]\([^)]*\)(\{[^}]*\})?", lambda _: link, entry, count=1)
 
 
