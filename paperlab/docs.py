@@ -108,7 +108,8 @@ def source_line(obj: object) -> int:
 def api_entry(name: str, obj: object, module: str, prefix: str = "") -> str:
     "One `show_doc` entry in Markdown, its source link pointing at the site's own highlighted source."
     from nbdev.showdoc import show_doc
-    link = f"[source]({prefix}_static/source/{module}.py.html#L-{source_line(obj)})"
+    # raw HTML: a Markdown link to a local .html file would become a Sphinx download and lose its anchor
+    link = f'<a class="api-source" href="{prefix}_static/source/{module}.py.html#L-{source_line(obj)}">source</a>'
     try:
         entry = show_doc(obj, name=name, title_level=3)._repr_markdown_()
     except NameError:  # an annotation names a type imported only where it is used: show the signature unevaluated
