@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 from torchmetrics.functional.classification import multiclass_accuracy
 from tqdm.auto import tqdm
 
-from .core import repo_root
+from .core import repo_root, seed_everything
 
 # %% auto #0
 __all__ = ['CORRELATIONS', 'IMBALANCES', 'PAPER_FACTORS', 'CORRUPTIONS', 'FILTER_RULES', 'ratio_list', 'compatible',
@@ -27,8 +27,10 @@ __all__ = ['CORRELATIONS', 'IMBALANCES', 'PAPER_FACTORS', 'CORRUPTIONS', 'FILTER
            'scenario', 'unitta_scenarios', 'Stream', 'sample_stream', 'marginals', 'self_transition_rates',
            'visit_order', 'corrupt', 'write_corruptions', 'load_corruptions', 'SmallCNN', 'Source', 'BNAdapt', 'Tent',
            'RobustBN2d', 'RBN', 'update_class_stats', 'update_class_stats_ref', 'balanced_stats', 'w2_distance',
-           'BDN2d', 'cofa', 'softmax_twice_threshold', 'UniTTA', 'cat_avg_accuracy', 'official_cat_avg_accuracy',
-           'run_stream', 'paper_numbers']
+           'BDN2d', 'cofa', 'softmax_twice_threshold', 'UniTTA', 'tta_augment', 'soft_entropy', 'TribeBBN',
+           'knn_affinity', 'lame_assign', 'LAME', 'IABN2d', 'PBRS', 'NOTE', 'CSTU', 'RoTTABN2d', 'RoTTA', 'CoTTA',
+           'soft_likelihood_ratio', 'prior_correction', 'ROID', 'cat_avg_accuracy', 'official_cat_avg_accuracy',
+           'run_stream', 'run_benchmark', 'paper_numbers']
 
 # %% ../nbs/20_unitta.ipynb #56d2c6a1
 CORRELATIONS = {"i": "i.i.d.", "n": "non-i.i.d.", "1": "continual"}
@@ -579,6 +581,337 @@ class UniTTA(Source):
         return torch.where(keep2[:, None], s2, p3)
 
 
+# %% ../nbs/20_unitta.ipynb #b7a1e002
+def tta_augment(x: Tensor, strength: float = 1.0) -> Tensor:
+    "Random photometric jitter, a ≤ 1-pixel shift and Gaussian noise on images (B, C, H, W) in [0, 1] (a CPU stand-in for the official `get_tta_transforms`)."
+    B = len(x)
+    def u(lo, hi): return (lo + (hi - lo) * torch.rand(B, 1, 1, 1, dtype=x.dtype))
+    s = strength
+    x = x.clamp(0, 1) * u(1 - 0.4 * s, 1 + 0.4 * s)                           # brightness
+    m = x.mean((1, 2, 3), keepdim=True)
+    x = ((x - m) * u(1 - 0.3 * s, 1 + 0.3 * s) + m).clamp(1e-6, 1) ** u(1 - 0.3 * s, 1 + 0.3 * s)   # contrast, gamma
+    dy, dx = (int(v) for v in torch.randint(-1, 2, (2,)))
+    x = torch.roll(x, (dy, dx), (2, 3))
+    return (x + 0.005 * torch.randn_like(x)).clamp(0, 1)
+
+
+def _affine_params(model: nn.Module) -> list[nn.Parameter]:
+    "The weight and bias of every normalisation layer (BN, BDN, IABN, robust BN) in `model`."
+    out = []
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, RobustBN2d, BDN2d, IABN2d, RoTTABN2d)):
+            out += [m.weight, m.bias]
+    return out
+
+
+def soft_entropy(x: Tensor, x_ref: Tensor) -> Tensor:
+    "Cross-entropy of softmax(x) against softmax(x_ref), per sample: (B, K), (B, K) -> (B,)."
+    return -(x_ref.softmax(1) * x.log_softmax(1)).sum(1)
+
+
+class TribeBBN(Source):
+    "TRIBE's class-balanced BN alone (official `tribe_bbn`): predict with the global balanced statistics, then update them with the pseudo-labels."
+    def __init__(self, model: nn.Module, num_classes: int, eta: float = 0.01, unbiased: bool = True):
+        super().__init__(model)
+        self.layers = []
+        for parent, name, bn in _bn_layers(self.model):
+            layer = BDN2d(bn, num_classes, 1, eta, unbiased); setattr(parent, name, layer); self.layers.append(layer)
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, domains: Tensor | None = None) -> Tensor:
+        for l in self.layers: l.labels, l.domains, l.update = None, None, False
+        p = self.model(x).softmax(1)                           # eval forward: the prediction
+        for l in self.layers: l.labels, l.update = p.argmax(1), True
+        self.model(x)                                          # train forward: update the class-balanced statistics
+        for l in self.layers: l.labels, l.update = None, False
+        return p
+
+
+def knn_affinity(feats: Tensor, knn: int = 5) -> Tensor:
+    "LAME's kNN affinity (N, F) -> (N, N): W_ij = 1 if j is among i's knn nearest others (not symmetrised)."
+    N = len(feats)
+    dist = torch.cdist(feats, feats)
+    idx = dist.topk(min(knn + 1, N), -1, largest=False).indices[:, 1:]
+    return torch.zeros(N, N, dtype=feats.dtype).scatter_(1, idx, 1.0)
+
+
+def lame_assign(probs: Tensor, kernel: Tensor, max_steps: int = 100) -> Tensor:
+    "LAME's Laplacian-regularised assignment (N, K): iterate Y = softmax(log p + kernel @ Y) from Y = p until the energy settles."
+    unary = -torch.log(probs + 1e-10)
+    Y, old = (-unary).softmax(-1), float("inf")
+    for i in range(max_steps):
+        pairwise = kernel @ Y
+        Y = (-unary + pairwise).softmax(-1)
+        E = float((unary * Y - pairwise * Y + Y * torch.log(Y.clip(1e-20))).sum())
+        if i > 1 and abs(E - old) <= 1e-8 * abs(old): break
+        old = E
+    return Y
+
+
+class LAME(Source):
+    "LAME: no parameter update; per batch, Laplacian smoothing of the source predictions over the kNN graph of normalised features."
+    def __init__(self, model: nn.Module, knn: int = 5):
+        super().__init__(model); self.knn = knn
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, domains: Tensor | None = None) -> Tensor:
+        f = self.model.features(x)
+        return lame_assign(self.model.fc(f).softmax(1), knn_affinity(F.normalize(f, dim=-1), self.knn))
+
+
+class IABN2d(nn.Module):
+    "NOTE's instance-aware BN: instance statistics soft-shrunk towards the BN statistics by k standard errors."
+    def __init__(self, bn: nn.BatchNorm2d, k: float = 4.0, momentum: float = 0.01):
+        super().__init__()
+        self.k, self.eps, self.momentum = k, bn.eps, momentum
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+        self.weight, self.bias = nn.Parameter(bn.weight.detach().clone()), nn.Parameter(bn.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        s2, mu = torch.var_mean(x, dim=(2, 3), keepdim=True)                  # unbiased, as officially
+        if self.training:
+            s2_b, mu_b = torch.var_mean(x, dim=(0, 2, 3), keepdim=True)
+            with torch.no_grad():   # the wrapped BN's running statistics (momentum 0.01, unbiased batch variance)
+                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mu_b.flatten())
+                self.running_var.mul_(1 - self.momentum).add_(self.momentum * s2_b.flatten())
+        else:
+            mu_b, s2_b = self.running_mean.view(1, C, 1, 1), self.running_var.view(1, C, 1, 1)
+        if H * W > 1:
+            s_mu = ((s2_b + self.eps) / (H * W)).sqrt()
+            s_s2 = (s2_b + self.eps) * np.sqrt(2 / (H * W - 1))
+            mu = mu_b + _softshrink(mu - mu_b, self.k * s_mu)
+            s2 = F.relu(s2_b + _softshrink(s2 - s2_b, self.k * s_s2))
+        else:
+            mu, s2 = mu_b, s2_b
+        return (x - mu) * torch.rsqrt(s2 + self.eps) * self.weight.view(C, 1, 1) + self.bias.view(C, 1, 1)
+
+
+def _softshrink(x: Tensor, lam: Tensor) -> Tensor:
+    "Soft threshold with a tensor threshold: sign(x)·max(|x| − λ, 0)."
+    return F.relu(x - lam) - F.relu(-x - lam)
+
+
+class PBRS:
+    "NOTE's prediction-balanced reservoir sampling memory over pseudo-labels."
+    def __init__(self, capacity: int, num_classes: int):
+        self.capacity, self.data, self.seen = capacity, [[] for _ in range(num_classes)], [0] * num_classes
+
+    def occupancy(self) -> list[int]: return [len(d) for d in self.data]
+
+    def add(self, x: Tensor, c: int) -> None:
+        "Store sample x of pseudo-class c, evicting from the largest class (or by reservoir sampling within c)."
+        self.seen[c] += 1
+        if sum(self.occupancy()) >= self.capacity:
+            occ = self.occupancy(); largest = [k for k, o in enumerate(occ) if o == max(occ)]
+            if c not in largest:
+                victim = largest[int(torch.randint(len(largest), ()))]
+                self.data[victim].pop(int(torch.randint(len(self.data[victim]), ())))
+            elif float(torch.rand(())) <= occ[c] / self.seen[c]:
+                self.data[c].pop(int(torch.randint(len(self.data[c]), ())))
+            else:
+                return
+        self.data[c].append(x)
+
+    def memory(self) -> Tensor: return torch.stack([x for d in self.data for x in d])
+
+
+class NOTE(Source):
+    "NOTE: IABN in every BN layer, a PBRS memory of 64, one SGD step (lr 1e-4) per batch on the memory's entropy (norm affine only)."
+    def __init__(self, model: nn.Module, num_classes: int, capacity: int = 64, lr: float = 1e-4, k: float = 4.0):
+        super().__init__(model)
+        for parent, name, bn in _bn_layers(self.model): setattr(parent, name, IABN2d(bn, k))
+        self.model.requires_grad_(False)
+        params = _affine_params(self.model)
+        for p in params: p.requires_grad_(True)
+        self.opt, self.mem = torch.optim.SGD(params, lr=lr), PBRS(capacity, num_classes)
+
+    def __call__(self, x: Tensor, domains: Tensor | None = None) -> Tensor:
+        self.model.eval()
+        with torch.no_grad(): out = self.model(x)
+        for xi, c in zip(x, out.argmax(1).tolist()): self.mem.add(xi, c)
+        self.model.train()
+        with torch.enable_grad():
+            z = self.model(self.mem.memory())
+            loss = soft_entropy(z, z).mean()
+            loss.backward(); self.opt.step(); self.opt.zero_grad()
+        self.model.eval()
+        return out.softmax(1)
+
+
+class CSTU:
+    "RoTTA's category-balanced memory: evict the item with the highest age/uncertainty score (from the majority classes when full)."
+    def __init__(self, capacity: int, num_classes: int):
+        self.capacity, self.K, self.per_class = capacity, num_classes, capacity / num_classes
+        self.data: list[list[list]] = [[] for _ in range(num_classes)]   # per class: [x, uncertainty, age]
+
+    def score(self, age: float, unc: float) -> float:
+        "Heuristic eviction score: 1/(1 + exp(−age/capacity)) + uncertainty/log K."
+        return 1 / (1 + np.exp(-age / self.capacity)) + unc / np.log(self.K)
+
+    def add(self, x: Tensor, c: int, unc: float) -> None:
+        "Offer sample x with pseudo-class c and entropy unc; every stored item ages by one."
+        occ = [len(d) for d in self.data]
+        if len(self.data[c]) < self.per_class:
+            ok = True if sum(occ) < self.capacity else self._evict([k for k, o in enumerate(occ) if o == max(occ)], self.score(0, unc))
+        else:
+            ok = self._evict([c], self.score(0, unc))
+        if ok: self.data[c].append([x, unc, 0])
+        for d in self.data:
+            for item in d: item[2] += 1
+
+    def _evict(self, classes: list[int], base: float) -> bool:
+        "Remove the highest-scoring item of `classes` if it scores above `base`; True if there is room."
+        best = None
+        for c in classes:
+            for i, (_, unc, age) in enumerate(self.data[c]):
+                s = self.score(age, unc)
+                if best is None or s >= best[0]: best = (s, c, i)
+        if best is None: return True
+        if best[0] > base: self.data[best[1]].pop(best[2]); return True
+        return False
+
+    def memory(self) -> tuple[Tensor, Tensor]:
+        "Stored samples (M, ...) and their ages / capacity (M,)."
+        items = [it for d in self.data for it in d]
+        return torch.stack([it[0] for it in items]), torch.tensor([it[2] / self.capacity for it in items])
+
+
+class RoTTABN2d(nn.Module):
+    "RoTTA's robust BN as in the official layer: in training, an EMA (momentum α) of batch statistics; in eval, the stored ones."
+    def __init__(self, bn: nn.BatchNorm2d, alpha: float = 0.05):
+        super().__init__()
+        self.alpha, self.eps = alpha, bn.eps
+        self.register_buffer("mean", bn.running_mean.detach().clone()); self.register_buffer("var", bn.running_var.detach().clone())
+        self.weight, self.bias = nn.Parameter(bn.weight.detach().clone()), nn.Parameter(bn.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            bv, bm = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+            mean, var = (1 - self.alpha) * self.mean + self.alpha * bm, (1 - self.alpha) * self.var + self.alpha * bv
+            self.mean, self.var = mean.detach(), var.detach()
+        else:
+            mean, var = self.mean, self.var
+        xhat = (x - mean[:, None, None]) / (var[:, None, None] + self.eps).sqrt()   # gradients flow through the batch statistics
+        return xhat * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class RoTTA(Source):
+    "Full RoTTA: robust BN, a CSTU memory of 64, a teacher (EMA ν = 0.001), every 64 samples one Adam step on the memory."
+    def __init__(self, model: nn.Module, num_classes: int, capacity: int = 64, lr: float = 1e-3, nu: float = 0.001, alpha: float = 0.05):
+        super().__init__(model)
+        for parent, name, bn in _bn_layers(self.model): setattr(parent, name, RoTTABN2d(bn, alpha))
+        self.model.requires_grad_(False)
+        params = _affine_params(self.model)
+        for p in params: p.requires_grad_(True)
+        self.teacher = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt, self.mem, self.nu, self.seen, self.capacity = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999)), CSTU(capacity, num_classes), nu, 0, capacity
+
+    def __call__(self, x: Tensor, domains: Tensor | None = None) -> Tensor:
+        self.teacher.eval()
+        with torch.no_grad():
+            p = self.teacher(x).softmax(1)
+        ent = -(p * torch.log(p + 1e-6)).sum(1)
+        for xi, c, h in zip(x, p.argmax(1).tolist(), ent.tolist()):
+            self.mem.add(xi, c, h); self.seen += 1
+            if self.seen % self.capacity == 0: self._update()
+        return p
+
+    def _update(self) -> None:
+        "One step on the memory: student on strong augmentations vs teacher on the stored samples, weighted by timeliness."
+        self.model.train(); self.teacher.train()
+        mx, ages = self.mem.memory()
+        with torch.no_grad(): t = self.teacher(mx)
+        with torch.enable_grad():
+            s = self.model(tta_augment(mx))
+            w = torch.exp(-ages) / (1 + torch.exp(-ages))
+            loss = (soft_entropy(s, t) * w.to(s.dtype)).mean()
+            self.opt.zero_grad(); loss.backward(); self.opt.step()
+        with torch.no_grad():
+            for pt, ps in zip(self.teacher.parameters(), self.model.parameters()): pt.mul_(1 - self.nu).add_(self.nu * ps)
+        self.model.eval(); self.teacher.eval()
+
+
+class CoTTA(BNAdapt):
+    "CoTTA: batch-statistics BN, all weights trained by Adam (lr 1e-3) towards a teacher (EMA 0.999), augmentation-averaged when the source is unsure, stochastic restore p = 0.01."
+    def __init__(self, model: nn.Module, lr: float = 1e-3, mt: float = 0.999, rst: float = 0.01, ap: float = 0.92, n_aug: int = 32):
+        super().__init__(model)
+        self.model.requires_grad_(True)
+        self.source_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.anchor = copy.deepcopy(self.model).requires_grad_(False)
+        self.teacher = copy.deepcopy(self.model).requires_grad_(False)
+        self.params = [(n, p) for n, p in self.model.named_parameters() if n.rsplit(".", 1)[-1] in ("weight", "bias")]
+        self.opt = torch.optim.Adam([p for _, p in self.params], lr=lr, betas=(0.9, 0.999))
+        self.mt, self.rst, self.ap, self.n_aug = mt, rst, ap, n_aug
+
+    def __call__(self, x: Tensor, domains: Tensor | None = None) -> Tensor:
+        with torch.no_grad():
+            anchor_conf = self.anchor(x).softmax(1).max(1).values
+            t = self.teacher(x)
+            if anchor_conf.mean() < self.ap:
+                t = torch.stack([self.teacher(tta_augment(x)) for _ in range(self.n_aug)]).mean(0)
+        with torch.enable_grad():
+            loss = soft_entropy(self.model(x), t).mean()
+            loss.backward(); self.opt.step(); self.opt.zero_grad()
+        with torch.no_grad():
+            for pt, ps in zip(self.teacher.parameters(), self.model.parameters()): pt.mul_(self.mt).add_((1 - self.mt) * ps)
+            for n, p in self.params:
+                mask = (torch.rand(p.shape) < self.rst).to(p.dtype)
+                p.copy_(self.source_state[n] * mask + p * (1 - mask))
+        return t.softmax(1)
+
+
+def soft_likelihood_ratio(logits: Tensor, clip: float = 0.99, eps: float = 1e-5) -> Tensor:
+    "ROID's loss per sample (B,): −Σ_k p_k log(p_k / (1 − p_k) + eps), p clipped at 0.99."
+    p = logits.softmax(1).clamp(0.0, clip)
+    return -(p * torch.log(p / (1 - p) + eps)).sum(1)
+
+
+def prior_correction(logits: Tensor) -> Tensor:
+    "ROID's output (B, K): logits × the smoothed batch prior (p̄ + s)/(1 + sK), s = max(1/B, 1/K)/max p̄."
+    prior = logits.softmax(1).mean(0)
+    smooth = max(1 / logits.shape[0], 1 / logits.shape[1]) / prior.max()
+    return logits * (prior + smooth) / (1 + smooth * logits.shape[1])
+
+
+class ROID(BNAdapt):
+    "ROID: batch-statistics BN, certainty×diversity-weighted soft-likelihood-ratio loss plus augmentation consistency, weight ensembling with the source (0.99), prior correction."
+    def __init__(self, model: nn.Module, num_classes: int, batch_size: int = 64, lr: float = 1e-3, momentum_src: float = 0.99,
+                 momentum_probs: float = 0.9, temperature: float = 1 / 3):
+        super().__init__(model)
+        self.model.requires_grad_(False)
+        self.params = _affine_params(self.model)
+        for p in self.params: p.requires_grad_(True)
+        self.src = [p.detach().clone() for p in self.params]
+        self.opt = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
+        self.class_probs = torch.full((num_classes,), 1 / num_classes)
+        self.B, self.m_src, self.m_probs, self.T = batch_size, momentum_src, momentum_probs, temperature
+
+    def __call__(self, x: Tensor, domains: Tensor | None = None) -> Tensor:
+        if len(x) < 2:   # the min-max weights need two samples (the official loop skips batches of one)
+            with torch.no_grad(): return prior_correction(self.model(x)).softmax(1)
+        with torch.enable_grad():
+            out = self.model(x)
+            with torch.no_grad():
+                p = out.softmax(1)
+                w_div = 1 - F.cosine_similarity(self.class_probs[None].to(p.dtype), p, dim=1)
+                w_div = (w_div - w_div.min()) / (w_div.max() - w_div.min())
+                mask = w_div < w_div.mean()
+                w_cert = (p * out.log_softmax(1)).sum(1)
+                w_cert = (w_cert - w_cert.min()) / (w_cert.max() - w_cert.min())
+                w = torch.exp(w_div * w_cert / self.T); w[mask] = 0.0
+                self.class_probs = self.m_probs * self.class_probs + (1 - self.m_probs) * p.mean(0)
+            loss = (soft_likelihood_ratio(out) * w)[~mask].sum() / self.B
+            out_aug = self.model(tta_augment(x[~mask]))
+            sce = -0.5 * (out[~mask].softmax(1) * out_aug.log_softmax(1)).sum(1) - 0.5 * (out_aug.softmax(1) * out[~mask].log_softmax(1)).sum(1)
+            loss = loss + (sce * w[~mask]).sum() / self.B
+            loss.backward(); self.opt.step(); self.opt.zero_grad()
+        with torch.no_grad():
+            for p_, s in zip(self.params, self.src): p_.mul_(self.m_src).add_((1 - self.m_src) * s)
+        return prior_correction(out.detach()).softmax(1)
+
+
 # %% ../nbs/20_unitta.ipynb #df1171ad
 def _metric_arrays(pred, y, domains) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "pred, y, domains as int arrays (N,) of one shape; ValueError otherwise."
@@ -624,6 +957,27 @@ def run_stream(method, ds: TensorDataset, stream: Stream, batch_size: int = 32) 
                 cat_acc=official_cat_avg_accuracy(pred.numpy(), yy.numpy(), stream.domains, sc.num_domains, sc.num_classes),
                 cat_acc_present=cat_avg_accuracy(pred.numpy(), yy.numpy(), stream.domains), pred=pred.numpy())
 
+
+
+def run_benchmark(methods: dict, model: nn.Module, ds: TensorDataset, codes: Sequence[str], seeds: Sequence[int],
+                  max_state_samples: int, batch_size: int = 64) -> tuple[list[dict], dict]:
+    "Every method (name -> factory of the model) on the stream of every scenario code and seed: rows and the streams."
+    x, y, d = ds.tensors[:3]
+    D, K = int(d.max()) + 1, int(y.max()) + 1
+    rows, streams = [], {}
+    for code in tqdm(codes, desc="scenarios"):
+        for seed in seeds:
+            st = sample_stream(d.numpy(), y.numpy(), scenario(code, D, K), max_state_samples, seed=seed)
+            streams[code, seed] = st
+            for name, make in methods.items():
+                seed_everything(seed)   # the methods' own randomness (augmentations, memories, restores)
+                method = make(model)
+                r = run_stream(method, ds, st, batch_size)
+                share = getattr(method, "forward2_share", None)
+                rows.append(dict(scenario=code, seed=seed, method=name, acc=r["acc"], cat_acc=r["cat_acc"],
+                                 cat_acc_present=r["cat_acc_present"], n=len(st),
+                                 forward2_share=float(np.mean(share)) if share else None))
+    return rows, streams
 
 # %% ../nbs/20_unitta.ipynb #ecec7324
 def paper_numbers() -> dict:
