@@ -6,7 +6,9 @@ from torch import nn
 
 from paperlab.core import repo_root
 from paperlab.unitta import (BDN2d, CORRUPTIONS, SmallCNN, Source, BNAdapt, UniTTA, balanced_stats, cat_avg_accuracy, cofa,
-                             official_cat_avg_accuracy, softmax_twice_threshold,
+                             official_cat_avg_accuracy, softmax_twice_threshold, TribeBBN, LAME, NOTE, RoTTA, CoTTA, ROID,
+                             IABN2d, PBRS, CSTU, knn_affinity, lame_assign, prior_correction, soft_likelihood_ratio,
+                             run_benchmark, tta_augment,
                              compatible, correlation_factors, corrupt, joint_transition_matrix, load_corruptions,
                              marginals, paper_numbers, ratio_list, run_stream, sample_stream, scenario,
                              self_transition_rates, stationary_distribution, transition_matrix, unitta_scenarios,
@@ -396,3 +398,85 @@ def test_softmax_twice_threshold():
     assert p.softmax(1).max().item() == pytest.approx(softmax_twice_threshold(K))
     with pytest.raises(ValueError, match="filter_rule"):
         UniTTA(SmallCNN(num_classes=4, width=4), 4, filter_rule="double")
+
+
+
+# ---- the official scripts' baselines ----
+def _tiny_setup():
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=4, width=4).eval()
+    d, k = labels(2, 4, 3)
+    x = torch.rand(len(d), 1, 8, 8)
+    return model, torch.utils.data.TensorDataset(x, torch.as_tensor(k), torch.as_tensor(d)), d, k
+
+
+def test_baselines_run_and_leave_the_source_model_alone():
+    model, ds, d, k = _tiny_setup()
+    before = {kk: v.clone() for kk, v in model.state_dict().items()}
+    st = sample_stream(d, k, scenario("n1n1", 2, 4), 4, seed=0)
+    for method in (TribeBBN(model, 4, eta=0.1), LAME(model), NOTE(model, 4, capacity=8), RoTTA(model, 4, capacity=8), CoTTA(model, n_aug=2),
+                   ROID(model, 4, batch_size=5)):
+        r = run_stream(method, ds, st, batch_size=5)          # the last batch may hold one sample (ROID's guard)
+        assert 0 <= r["acc"] <= 1 and len(r["pred"]) == len(st), type(method).__name__
+    for kk, v in model.state_dict().items():
+        assert torch.equal(v, before[kk]), kk
+    with pytest.raises(ValueError, match="batch_size"):
+        run_stream(Source(model), ds, st, batch_size=0)
+
+
+def test_lame_against_naive_fixed_point():
+    g = torch.Generator().manual_seed(5)
+    f = torch.randn(10, 3, generator=g)
+    W = torch.zeros(10, 10)
+    for i in range(10):   # naive kNN: the 4 nearest other points
+        order = sorted(range(10), key=lambda j: float((f[i] - f[j]).norm()))
+        for j in [j for j in order if j != i][:4]: W[i, j] = 1
+    assert torch.equal(knn_affinity(f, 4), W)
+    p = torch.softmax(torch.randn(10, 3, generator=g), 1)
+    torch.testing.assert_close(lame_assign(p, torch.zeros(10, 10)), p)
+    Y = lame_assign(p, W, max_steps=1000)
+    torch.testing.assert_close(Y, (torch.log(p + 1e-10) + W @ Y).softmax(1), atol=1e-5, rtol=1e-5)
+
+
+def test_iabn_limits():
+    bn = nn.BatchNorm2d(2).eval(); bn.running_mean.copy_(torch.tensor([0.5, -1.0])); bn.running_var.copy_(torch.tensor([2.0, 0.5]))
+    x = torch.randn(3, 2, 4, 4) * 3
+    torch.testing.assert_close(IABN2d(bn, k=1e6).eval()(x), bn(x), atol=1e-5, rtol=1e-5)   # shrink everything: BN
+    inorm = (x - x.mean((2, 3), keepdim=True)) / (x.var((2, 3), keepdim=True) + bn.eps).sqrt()   # shrink nothing: instance norm
+    torch.testing.assert_close(IABN2d(bn, k=0.0).eval()(x), inorm * bn.weight[:, None, None] + bn.bias[:, None, None], atol=1e-5, rtol=1e-5)
+
+
+def test_memories_balance_and_capacity():
+    torch.manual_seed(0)
+    m = PBRS(9, 3)
+    for c in [1] * 50 + [0] * 3 + [2] * 3: m.add(torch.zeros(1), c)
+    assert m.occupancy() == [3, 3, 3]
+    cs = CSTU(6, 3)
+    for i in range(30): cs.add(torch.full((1,), float(i)), i % 3, 0.5)
+    assert [len(d) for d in cs.data] == [2, 2, 2]
+    mx, ages = cs.memory()
+    assert mx.shape == (6, 1) and (ages >= 0).all()
+
+
+def test_roid_closed_forms():
+    # uniform probabilities over K = 4: -log(1/3 + eps); prior correction of a uniform prior is a positive scalar
+    torch.testing.assert_close(soft_likelihood_ratio(torch.zeros(2, 4)), torch.full((2,), -np.log(1 / 3 + 1e-5)), atol=1e-6, rtol=1e-6)
+    z = torch.randn(6, 4)
+    pr = z.softmax(1).mean(0); s = max(1 / 6, 1 / 4) / pr.max()
+    torch.testing.assert_close(prior_correction(z), z * (pr + s) / (1 + 4 * s))
+
+
+def test_tta_augment_stays_in_range():
+    torch.manual_seed(0)
+    x = torch.rand(5, 1, 8, 8)
+    y = tta_augment(x)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1 and not torch.equal(x, y)
+
+
+def test_benchmark_repeats_bit_for_bit():
+    # issue 9 §7a: the same seeds give identical measured values (the methods' randomness is seeded per run)
+    model, ds, d, k = _tiny_setup()
+    methods = {"RoTTA": lambda m: RoTTA(m, 4, capacity=8), "CoTTA": lambda m: CoTTA(m, n_aug=2), "UniTTA": lambda m: UniTTA(m, 4, eta=0.1)}
+    a, _ = run_benchmark(methods, model, ds, ["n1i1", "iuiu"], [0, 1], 4, batch_size=5)
+    b, _ = run_benchmark(methods, model, ds, ["n1i1", "iuiu"], [0, 1], 4, batch_size=5)
+    assert [(r["acc"], r["cat_acc"]) for r in a] == [(r["acc"], r["cat_acc"]) for r in b]
