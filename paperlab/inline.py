@@ -21,7 +21,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from .attention import get_attention
+from .attention import QKVAttention, check_heads, get_attention, merge_heads
 from .core import count_flops, count_params, repo_root
 
 
@@ -71,8 +71,7 @@ class LocalKernel(nn.Module):
     "Predict one 3×3 depthwise kernel per channel from the mean token: (B, N, C) -> (B, C, 3, 3)."
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        check_heads(dim, num_heads)
         self.mlp = nn.Sequential(nn.Conv1d(dim, dim, 1, groups=num_heads), nn.GELU(),
                                  nn.Conv1d(dim, 9 * dim, 1, groups=num_heads))
 
@@ -115,22 +114,18 @@ INLINE_KERNELS: dict[str, Callable[[Tensor], Tensor] | None] = {
 }
 
 # %% ../nbs/10_inline.ipynb #a4814fdc
-class InLineAttention(nn.Module):
+class InLineAttention(QKVAttention):
     "Multi-head attention with a named token mixing and InLine's optional local term: (B, N, C) -> (B, N, C)."
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, mixing: str = "inline",
                  local: bool = True, num_prefix_tokens: int = 1, kernel_func: str = "identity"):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        super().__init__(dim, num_heads, qkv_bias)   # qkv, proj (timm's names) and the dim/heads check
         if kernel_func not in INLINE_KERNELS:
             raise ValueError(f"unknown kernel_func {kernel_func!r}: expected one of {sorted(INLINE_KERNELS)}")
         if kernel_func != "identity" and mixing != "inline":
             raise ValueError(f"kernel_func {kernel_func!r} is an option of InLine mixing only, not of {mixing!r}")
         self.fn = get_attention(mixing)[0]
-        self.num_heads, self.mixing, self.num_prefix_tokens = num_heads, mixing, num_prefix_tokens
+        self.mixing, self.num_prefix_tokens = mixing, num_prefix_tokens
         self.kernel_func, self.phi = kernel_func, INLINE_KERNELS[kernel_func]
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
         self.local = LocalKernel(dim, num_heads) if local else None
         self.record = False        # when True, keep the last q and k for analysis
         self.last_qk: tuple[Tensor, Tensor] | None = None
@@ -156,18 +151,22 @@ class InLineAttention(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"InLineAttention expects (B, N, C), got {tuple(x.shape)}")
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.heads(x)
         if self.phi is not None:
             q, k = self.phi(q), self.phi(k)
         if self.record:
             self.last_qk = (q.detach(), k.detach())
-        out = self.fn(q, k, v).transpose(1, 2).reshape(b, n, c)
+        out = merge_heads(self.mix(q, k, v))
         if self.local is not None:
             p, side = self.num_prefix_tokens, self.grid_side(n)
             grid = v[:, :, p:].transpose(1, 2).reshape(b, side, side, c).permute(0, 3, 1, 2)
             local = depthwise_per_image(grid, self.local(x)).flatten(2).transpose(1, 2)
             out = torch.cat([out[:, :p], out[:, p:] + local], dim=1)
         return self.proj(out)
+
+    def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        "The global token mixing alone (no kernel, no local term): (B, H, N, d) ×3 -> (B, H, N, d)."
+        return self.fn(q, k, v)
 
 # %% ../nbs/10_inline.ipynb #5c84fbb6
 @dataclass(frozen=True)
@@ -386,8 +385,9 @@ def local_mass(name: str, q: Tensor, k: Tensor, num_prefix_tokens: int = 1) -> f
     "Mean share of |attention| that patch queries put on their 3×3 neighbourhood: q, k (B, H, N, d)."
     w = get_attention(name)[1](q, k)[..., num_prefix_tokens:, num_prefix_tokens:].abs()
     side = math.isqrt(w.shape[-1])
-    mask = neighbourhood_mask(side)
-    return ((w * mask).sum(-1) / w.sum(-1)).mean().item()
+    mass = w.sum(-1)
+    share = (w * neighbourhood_mask(side)).sum(-1) / mass
+    return share[mass > 0].mean().item()   # a ReLU query with no positive entry attends to nothing: no share to count
 
 # %% ../nbs/10_inline.ipynb #1d88b49b
 def plot_attention_maps(models: dict[str, nn.Module], x: Tensor, block: int = 0, head: int = 0, query: int = 27,
@@ -405,5 +405,5 @@ def plot_attention_maps(models: dict[str, nn.Module], x: Tensor, block: int = 0,
         ax.plot(query % side, query // side, "r+", ms=12)
         ax.set(title=f"{name}\nblock {block}, head {head}", xticks=[], yticks=[])
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle("Attention of one patch query (red cross) over the 8×8 patch grid", y=1.03)
+    fig.suptitle(f"Attention of one patch query (red cross) over the {side}×{side} patch grid", y=1.03)
     return fig
