@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,3 +51,45 @@ def test_cli_rejects_unknown_chapter_and_mode():
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = paperlab("reproduce")
     assert r.returncode == 2 and "--all" in r.stderr
+
+
+def sanitize(text: str) -> str:
+    "`text` as nbval sees it after tests/nbval_sanitize.cfg (nbval's own parser, patterns applied in file order)."
+    from nbval.plugin import get_sanitize_patterns
+    for regex, replace in get_sanitize_patterns((ROOT / "tests" / "nbval_sanitize.cfg").read_text()):
+        text = re.sub(regex, replace, text)
+    return text
+
+
+@pytest.mark.parametrize("a, b", [
+    ("test accuracy 0.964 in 1.78 s\n", "test accuracy 0.964 in 12.05 s\n"),
+    ("| speed | faster | 2 × | ⏱ 1.412 × | direction reproduced |", "| speed | faster | 2 × | ⏱ 0.98 × | direction reproduced |"),
+    ("took 35 ms, then 1.2e-3 s", "took 41 ms, then 9e-4 s"),
+    ("epoch 1/3: 100%|██████████| 4/4 [00:01<00:00,  3.10it/s]", "epoch 1/3: 100%|██████████| 4/4 [00:02<00:00,  1.52s/it]"),
+    ("<Module object at 0x7f3a2c1d0e50>", "<Module object at 0x7f11a0b2c3d8>"),
+    ("wrote /tmp/tmpe4r5v0ub/R.md", "wrote /tmp/tmpq81xz0a2/R.md"),
+    ("saved to /work/main/results/.staging-inline-123/inline/fig.png", "saved to /tmp/ci/p/_build/quick/inline/fig.png"),
+    ("written 2026-11-27T07:12:30", "written 2026-11-28T19:02:11"),
+])
+def test_nbval_sanitize_masks_times_paths_and_addresses(a, b):
+    assert a != b and sanitize(a) == sanitize(b)
+
+
+@pytest.mark.parametrize("a, b", [
+    ("test accuracy 0.964 in 1.78 s\n", "test accuracy 0.965 in 1.78 s\n"),  # a result, not a time
+    ("| params | 6.5 M | 6.48 M | reproduced |", "| params | 6.5 M | 6.49 M | reproduced |"),
+    ("| speed | 2 × | ⏱ 1.4 × | direction reproduced |", "| speed | 2 × | ⏱ 1.4 × | inconclusive |"),  # the verdict stays
+    ("losses [1.166, 0.268, 0.171]", "losses [1.166, 0.268, 0.172]"),
+    ("ratio 1/2 and 3/4 of 256 px", "ratio 1/2 and 3/4 of 128 px"),
+    ("12 steps of 5 samples", "13 steps of 5 samples"),
+])
+def test_nbval_sanitize_keeps_results(a, b):
+    assert sanitize(a) != sanitize(b)
+
+
+def test_make_has_lab_and_verify_and_ci_runs_both():
+    make = (ROOT / "Makefile").read_text()
+    for target in ("lab:", "verify:", "nbval:", "browser:", "kernel:"):
+        assert f"\n{target}" in make, target
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.index("\nmake test\n") < ci.index("\nmake verify\n") and "apt-get install -y -q chromium" in ci
