@@ -181,3 +181,31 @@ def test_package_imports_alone():
             "[.5, 1., 2., 4.]); print(type(fig).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__("os").environ, "MPLBACKEND": "Agg"})
     assert out.returncode == 0 and "Figure" in out.stdout, out.stderr
+
+
+def test_tiny_training_reproduces_bit_for_bit():
+    # issue 9 §7a: under deterministic() the same seed gives the same weights and the same accuracy, run after run
+    from paperlab.core import deterministic, seed_everything
+    from paperlab.data import digits
+    from paperlab.train import evaluate, fit
+    deterministic(threads=1)
+    train = torch.utils.data.Subset(digits(12, "train", seed=0), range(128))
+    test = digits(12, "test", seed=0)
+    runs = []
+    for _ in range(2):
+        seed_everything(3)
+        model = tiny_vit("inline", True, depth=1, img_size=12)
+        fit(model, train, epochs=1, lr=2e-3, batch_size=16, seed=3, progress=False)
+        runs.append((evaluate(model.eval(), test), {k: v.clone() for k, v in model.state_dict().items()}))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_local_mass_ignores_empty_rows():
+    # a ReLU query with no positive coordinate gives an all-zero linear row: it must not turn the mean into NaN
+    from paperlab.inline import local_mass
+    q = torch.randn(1, 1, 1 + 16, 4)
+    q[0, 0, 5] = -q[0, 0, 5].abs()
+    k = torch.randn(1, 1, 1 + 16, 4).abs()
+    val = local_mass("linear", q, k)
+    assert 0.0 < val <= 1.0
