@@ -5,25 +5,29 @@
 # %% ../nbs/12_dydit.ipynb #a1cb0bc3
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, Sequence
+from typing import Sequence
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .attention import softmax_attention
+from .attention import merge_heads, softmax_attention, split_heads
 from .core import count_flops, count_params, repo_root
-from .diffusion import DiT, DiTBlock, DiTConfig, dit_config, drop_labels, euler_sample, flow_matching_loss, modulate
+from .diffusion import DiT, DiTBlock, DiTConfig, dit_config, drop_labels, euler_sample, modulate
 
 # %% auto #0
-__all__ = ['gumbel_sigmoid_gate', 'DyDiTConfig', 'check_lam', 'dydit_config', 'dydit_from', 'BlockGates', 'DyDiTBlock',
-           'block_costs', 'flops_ratio', 'flops_loss', 'DyDiT', 'narrow_weights', 'sliced_block_forward',
-           'dydit_sample', 'router_flops', 'lam_schedule', 'finetune_dydit', 'paper_numbers', 'model_cost',
-           'sample_with_gates', 'width_curves', 'sdt_keep_map', 'plot_sdt_maps']
+__all__ = ['OFFICIAL_RECIPES', 'OBJECTIVES', 'UPDATES', 'gumbel_sigmoid_gate', 'DyDiTConfig', 'check_lam', 'dydit_config',
+           'dydit_from', 'BlockGates', 'DyDiTBlock', 'block_costs', 'flops_ratio', 'flops_loss', 'DyDiT',
+           'narrow_weights', 'sliced_block_forward', 'router_flops', 'lam_schedule', 'official_recipe', 'scaled_recipe',
+           'split_timesteps', 'ddpm_scheduler', 'noised_batch', 'ddpm_loss', 'sampling_timesteps', 'ddpm_sample',
+           'sample', 'dydit_sample', 'update_ema', 'finetune_dydit', 'paper_numbers', 'model_cost', 'sample_with_gates',
+           'width_curves', 'sdt_keep_map', 'plot_sdt_maps']
 
 # %% ../nbs/12_dydit.ipynb #1f999012
 def gumbel_sigmoid_gate(logits: Tensor, tau: float = 5.0, training: bool = True,
@@ -40,12 +44,13 @@ def gumbel_sigmoid_gate(logits: Tensor, tau: float = 5.0, training: bool = True,
 # %% ../nbs/12_dydit.ipynb #331ab51e
 @dataclass(frozen=True)
 class DyDiTConfig(DiTConfig):
-    "A DiT config plus DyDiT's FLOPs target `lam` (λ), gate temperature `tau`, token-router bottleneck and router biases."
+    "A DiT config plus DyDiT's FLOPs target `lam` (λ), gate temperature `tau`, token-router bottleneck, router biases and where the MLP-group mask sits."
     lam: float = 0.5
     tau: float = 5.0
     token_hidden_ratio: int = 16
     router_bias: float = 15.0
     token_bias: float = 35.0
+    mask_before_act: bool = True     # official: the group mask multiplies fc1's output before the GELU
 
     def __post_init__(self):
         check_lam(self.lam)
@@ -94,22 +99,36 @@ class BlockGates:
     tokens: Tensor
 
 
+def _xavier(m: nn.Module) -> None:
+    "The official DiT `_basic_init`: xavier-uniform weights and zero biases on every Linear."
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None: nn.init.zeros_(m.bias)
+
+
 class DyDiTBlock(DiTBlock):
     "A DiT block with timestep routers for heads and MLP groups and a token router before the MLP: (B, N, C), (B, C) -> (B, N, C)."
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, token_hidden_ratio: int = 16,
-                 router_bias: float = 15.0, token_bias: float = 35.0, tau: float = 5.0):
+                 router_bias: float = 15.0, token_bias: float = 35.0, tau: float = 5.0, mask_before_act: bool = True):
         super().__init__(dim, num_heads, mlp_ratio)
         self.num_heads, self.head_dim, self.tau = num_heads, dim // num_heads, tau
         self.group_size = self.mlp.fc1.out_features // num_heads
+        self.mask_before_act = mask_before_act
         self.head_router = nn.Linear(dim, num_heads - 1)
         self.group_router = nn.Linear(dim, num_heads - 1)
         self.token_router = nn.Sequential(nn.Linear(dim, dim // token_hidden_ratio), nn.ReLU(),
                                           nn.Linear(dim // token_hidden_ratio, 1))
-        nn.init.constant_(self.head_router.bias, router_bias)     # every gate starts open
-        nn.init.constant_(self.group_router.bias, router_bias)
-        nn.init.constant_(self.token_router[-1].bias, token_bias)
+        self.reset_routers(router_bias, token_bias)
         self.gates: BlockGates | None = None
         self._narrow: dict = {}
+
+    def reset_routers(self, router_bias: float = 15.0, token_bias: float = 35.0) -> None:
+        "Official router start: xavier-uniform weights, zero biases, then `router_bias` on both width routers and `token_bias` on the token scorer's output, so every gate starts open."
+        for lin in (self.head_router, self.group_router, self.token_router[0], self.token_router[2]):
+            _xavier(lin)
+        nn.init.constant_(self.head_router.bias, router_bias)
+        nn.init.constant_(self.group_router.bias, router_bias)
+        nn.init.constant_(self.token_router[2].bias, token_bias)
 
     def width_gates(self, temb: Tensor) -> tuple[Tensor, Tensor]:
         "Head and MLP-group masks from the timestep embedding (B, C): -> (B, H), (B, H), first column always 1."
@@ -123,18 +142,20 @@ class DyDiTBlock(DiTBlock):
 
     def attn_masked(self, u: Tensor, heads: Tensor | None = None) -> Tensor:
         "Attention with head outputs multiplied by the head mask (B, H) before the projection: (B, N, C) -> (B, N, C)."
-        b, n, c = u.shape
-        q, k, v = self.attn.qkv(u).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        o = softmax_attention(q, k, v)
+        o = softmax_attention(*split_heads(self.attn.qkv(u), self.num_heads))      # (B, H, N, d)
         if heads is not None:
             o = o * heads[:, :, None, None]
-        return self.attn.proj(o.transpose(1, 2).reshape(b, n, c))
+        return self.attn.proj(merge_heads(o))
 
     def mlp_masked(self, u: Tensor, groups: Tensor | None = None) -> Tensor:
-        "MLP with hidden channel groups multiplied by the group mask (B, H): (B, N, C) -> (B, N, C)."
-        h = self.mlp.act(self.mlp.fc1(u))
-        if groups is not None:
-            h = h * groups.repeat_interleave(self.group_size, dim=1)[:, None]
+        "MLP with hidden channel groups multiplied by the group mask (B, H), before the GELU (official) or after it: (B, N, C) -> (B, N, C)."
+        h = self.mlp.fc1(u)
+        m = None if groups is None else groups.repeat_interleave(self.group_size, dim=1)[:, None]
+        if m is not None and self.mask_before_act:
+            h = h * m               # GELU(0) = 0: same forward; the router's gradient is GELU'(a)·a, not GELU(a)
+        h = self.mlp.act(h)
+        if m is not None and not self.mask_before_act:
+            h = h * m
         return self.mlp.fc2(h)
 
     def forward(self, x: Tensor, c: Tensor, temb: Tensor | None = None) -> Tensor:
@@ -183,7 +204,11 @@ class DyDiT(DiT):
             raise TypeError(f"DyDiT needs a DyDiTConfig (see dydit_config / dydit_from), got {type(cfg).__name__}")
         super().__init__(cfg)
         self.blocks = nn.ModuleList([DyDiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.token_hidden_ratio,
-                                                cfg.router_bias, cfg.token_bias, cfg.tau) for _ in range(cfg.depth)])
+                                                cfg.router_bias, cfg.token_bias, cfg.tau, cfg.mask_before_act)
+                                     for _ in range(cfg.depth)])
+        for blk in self.blocks:         # the official initialize_weights: xavier everywhere, then the router biases
+            blk.apply(_xavier)
+            blk.reset_routers(cfg.router_bias, cfg.token_bias)
         self._init_zero()
         self.sliced = True            # eval: run narrow blocks and gathered tokens (False: masked wide blocks)
         self.gates: list[BlockGates] = []
@@ -291,8 +316,7 @@ def sliced_block_forward(blk: DyDiTBlock, x: Tensor, c: Tensor, head_idx: Tensor
     w = narrow_weights(blk, head_idx, group_idx)
     sh1, sc1, g1, sh2, sc2, g2 = blk.adaLN_modulation(c).chunk(6, dim=-1)
     u = modulate(blk.norm1(x), sh1, sc1)
-    q, k, v = F.linear(u, w["qkv_w"], w["qkv_b"]).reshape(b, n, 3, len(head_idx), blk.head_dim).permute(2, 0, 3, 1, 4)
-    o = softmax_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+    o = merge_heads(softmax_attention(*split_heads(F.linear(u, w["qkv_w"], w["qkv_b"]), len(head_idx))))
     x = x + g1[:, None] * F.linear(o, w["proj_w"], blk.attn.proj.bias)
     keep = blk.token_router(x).squeeze(-1) > 0                          # (B, N)
     idx = keep.flatten().nonzero().flatten()                            # kept tokens of the whole batch
@@ -303,14 +327,6 @@ def sliced_block_forward(blk: DyDiTBlock, x: Tensor, c: Tensor, head_idx: Tensor
     blk.gates = BlockGates(mask(head_idx), mask(group_idx), keep.float())
     return x
 
-
-@torch.no_grad()
-def dydit_sample(model: DyDiT, y: Tensor, steps: int = 50, **kw) -> Tensor:
-    "Euler sampling (`paperlab.diffusion.euler_sample`) after precomputing the widths of every step: -> (B, C, H, W)."
-    model.eval()
-    model.precompute((1000 * torch.linspace(1.0, 0.0, steps + 1)[:-1]).tolist())
-    return euler_sample(model, y, steps=steps, **kw)
-
 # %% ../nbs/12_dydit.ipynb #a81982fb
 def router_flops(cfg: DyDiTConfig) -> tuple[int, int]:
     "Multiply-adds of the routers: (width routers, C → H−1 twice per block, once per timestep; token scorers, N·(C → C/16 → 1) per block, per sample)."
@@ -318,44 +334,195 @@ def router_flops(cfg: DyDiTConfig) -> tuple[int, int]:
     return cfg.depth * 2 * c * (cfg.num_heads - 1), cfg.depth * cfg.num_tokens * (c * th + th)
 
 # %% ../nbs/12_dydit.ipynb #8c166fcf
-def lam_schedule(step: int, lam: float, warmup: int) -> float:
-    "λ at `step`: 1 for the first tenth of `warmup` steps, then linear down to `lam` at `warmup`, then `lam`."
+def lam_schedule(step: int, lam: float, warmup: int = 1000, hold: int = 100) -> float:
+    "The official FLOPs target at `step` (train.py): 1 while step < hold, then 1 − (1 − λ)·step/warmup counted from step 0 up to step = warmup, then λ."
     check_lam(lam)
-    hold = warmup // 10
-    if step < hold: return 1.0
-    if step >= warmup: return lam
-    return 1.0 + (lam - 1.0) * (step - hold) / max(1, warmup - hold)
+    if warmup < 1 or hold < 0:
+        raise ValueError(f"need warmup >= 1 and hold >= 0, got warmup={warmup}, hold={hold}")
+    target = 1.0 - (1.0 - lam) * step / warmup if step <= warmup else lam   # the same float operations as train.py
+    return 1.0 if step < hold else target
 
 
-def finetune_dydit(model: DyDiT, x: Tensor, y: Tensor, lam: float, steps: int, batch_size: int = 64, lr: float = 5e-4,
-                   router_lr: float = 1e-2, warmup: int | None = None, complete_steps: int | None = None,
-                   flops_weight: float = 2.0, seed: int = 0, progress: bool = False) -> list[dict]:
-    "Fine-tune with flow matching + complete-model loss + flops_weight·(r̄ − λ)²; return per-step loss, ratio and λ."
+OFFICIAL_RECIPES = {   # train0.5.sh (stage 1 with the complete model for 30k steps, stage 2 without it to 200k) and train0.7.sh
+    0.5: dict(script="train0.5.sh", lr=1e-4, clip=200.0, warmup=1000, hold=100, steps=200_000, complete_steps=30_000,
+              batch=256, ema_decay=0.9999),
+    0.7: dict(script="train0.7.sh", lr=2.5e-5, clip=50.0, warmup=5000, hold=100, steps=150_000, complete_steps=150_000,
+              batch=256, ema_decay=0.9999),
+}
+
+
+def official_recipe(lam: float) -> dict:
+    "The official fine-tuning recipe at λ; a λ without a script (e.g. 0.3) gets train0.5.sh's, and says so."
+    check_lam(lam)
+    if lam in OFFICIAL_RECIPES:
+        return dict(OFFICIAL_RECIPES[lam], lam=lam)
+    return dict(OFFICIAL_RECIPES[0.5], lam=lam, script="train0.5.sh (no official script for this λ)")
+
+
+def scaled_recipe(lam: float, steps: int) -> dict:
+    "The official recipe at λ shrunk to `steps` steps: hold, warm-up, complete-model stage and EMA horizon keep their share of the run."
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    r = official_recipe(lam)
+    f = steps / r["steps"]
+    horizon = 1 / (1 - r["ema_decay"]) * f                 # official: 10k of 200k steps
+    return dict(lam=lam, steps=steps, hold=round(r["hold"] * f), warmup=max(1, round(r["warmup"] * f)),
+                complete_steps=round(r["complete_steps"] * f), clip=r["clip"], ema_decay=max(0.0, 1 - 1 / max(horizon, 1.0)),
+                script=r["script"])
+
+
+def split_timesteps(batch: int, num_timesteps: int = 1000, ranges: int = 4, generator: torch.Generator | None = None) -> Tensor:
+    "Official timestep draw: sample i gets a uniform integer in range i mod 4 of [0, 250), [250, 500), [500, 750), [750, 1000): -> (B,) long."
+    width = num_timesteps // ranges
+    lower = (torch.arange(batch) % ranges) * width
+    return torch.randint(0, width, (batch,), generator=generator) + lower
+
+
+def ddpm_scheduler(num_train_timesteps: int = 1000):
+    "The official training diffusion as diffusers' `DDPMScheduler`: 1000 steps, linear betas 1e-4 → 0.02, ε-prediction, no clipping."
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         prediction_type="epsilon", clip_sample=False)
+
+
+OBJECTIVES = ("ddpm", "flow")
+
+
+def noised_batch(x0: Tensor, t: Tensor, noise: Tensor, objective: str = "ddpm", scheduler=None,
+                 u: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    "x_t, the model's timestep input and the regression target for integer timesteps t (B,): DDPM (target ε) or flow matching (s = (t + u)/1000, target ε − x0)."
+    if objective == "ddpm":
+        scheduler = scheduler or ddpm_scheduler()
+        return scheduler.add_noise(x0, noise, t), t.to(x0.dtype), noise
+    if objective == "flow":
+        s = (t.to(x0.dtype) + (u if u is not None else 0.5)) / 1000
+        s4 = s[:, None, None, None]
+        return (1 - s4) * x0 + s4 * noise, 1000 * s, noise - x0
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def ddpm_loss(model: nn.Module, x0: Tensor, y: Tensor, generator: torch.Generator | None = None, scheduler=None) -> Tensor:
+    "DDPM ε-prediction loss at uniform timesteps in [0, 1000) (the DiT's pre-training objective): scalar."
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    xt, tm, target = noised_batch(x0, t, noise, "ddpm", scheduler)
+    return F.mse_loss(model(xt, tm, y)[:, :x0.shape[1]], target)
+
+
+def sampling_timesteps(steps: int, objective: str = "ddpm") -> list[float]:
+    "The model timesteps a sampler visits: DDPMScheduler's `set_timesteps(steps)` or the Euler grid 1000·(1 → 0)."
+    if objective == "ddpm":
+        sched = ddpm_scheduler(); sched.set_timesteps(steps)
+        return [float(t) for t in sched.timesteps]
+    if objective == "flow":
+        return (1000 * torch.linspace(1.0, 0.0, steps + 1)[:-1]).tolist()
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+@torch.no_grad()
+def ddpm_sample(model: nn.Module, y: Tensor, steps: int = 50, generator: torch.Generator | None = None,
+                step_callback=None, progress: bool = False) -> Tensor:
+    "Ancestral DDPM sampling with `DDPMScheduler` on `steps` of the 1000 training timesteps (guidance 1): -> (B, C, H, W)."
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    cfg = model.cfg
+    sched = ddpm_scheduler(); sched.set_timesteps(steps)
+    x = torch.randn((y.shape[0], cfg.in_channels, cfg.input_size, cfg.input_size), generator=generator)
+    for i, t in enumerate(tqdm(sched.timesteps, disable=not progress, desc="sampling")):
+        eps = model(x, t.to(x.dtype).expand(y.shape[0]), y)[:, :cfg.in_channels]
+        x = sched.step(eps, t, x, generator=generator).prev_sample
+        if step_callback is not None:
+            step_callback(i, x)
+    return x
+
+
+def sample(model: nn.Module, y: Tensor, steps: int, objective: str = "ddpm", **kw) -> Tensor:
+    "Sample a DiT or DyDiT with the sampler of its training objective; a DyDiT first precomputes the widths of every step."
+    if isinstance(model, DyDiT):
+        model.eval()
+        model.precompute(sampling_timesteps(steps, objective))
+    if objective == "ddpm":
+        return ddpm_sample(model, y, steps=steps, **kw)
+    if objective == "flow":
+        return euler_sample(model, y, steps=steps, **kw)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def dydit_sample(model: DyDiT, y: Tensor, steps: int = 50, objective: str = "ddpm", **kw) -> Tensor:
+    "DyDiT sampling after precomputing the widths of every step: -> (B, C, H, W)."
+    return sample(model, y, steps, objective, **kw)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    "ema ← decay·ema + (1 − decay)·model over every named parameter, as the official `update_ema`."
+    for (_, pe), (_, p) in zip(ema.named_parameters(), model.named_parameters()):
+        pe.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+UPDATES = ("official", "clip")
+
+
+def finetune_dydit(model: DyDiT, x: Tensor, y: Tensor, lam: float, steps: int, batch_size: int = 64, lr: float = 1e-4,
+                   router_lr: float | None = None, objective: str = "ddpm", warmup: int = 1000, hold: int = 100,
+                   complete_steps: int | None = None, clip: float = 200.0, update: str = "official",
+                   ema_decay: float = 0.9999, t_split: bool = True, flops_weight: float = 2.0, seed: int = 0,
+                   progress: bool = False) -> tuple[list[dict], DyDiT]:
+    """Fine-tune as the official train.py: diffusion loss + complete-model loss on the same x_t, t and noise (first `complete_steps`)
+    + flops_weight·(r̄ − λ_step)²; one AdamW; returns the per-step log and the EMA model (the one the official sampler uses)."""
     check_lam(lam)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    warmup = steps // 3 if warmup is None else warmup
-    complete_steps = steps // 2 if complete_steps is None else complete_steps
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    complete_steps = steps if complete_steps is None else complete_steps
     g = torch.Generator().manual_seed(seed)
-    routers = [p for n, p in model.named_parameters() if "router" in n]
-    others = [p for n, p in model.named_parameters() if "router" not in n and p.requires_grad]
-    opt = torch.optim.AdamW([{"params": others, "lr": lr}, {"params": routers, "lr": router_lr}], weight_decay=0.0)
-    complete = lambda xt, t, yy: model(xt, t, yy, complete=True)
+    sched = ddpm_scheduler() if objective == "ddpm" else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if router_lr is None:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)          # official: one group, one learning rate
+    else:                                                                 # toy scale: the routers get their own rate
+        routers = [p for n, p in model.named_parameters() if "router" in n]
+        others = [p for n, p in model.named_parameters() if "router" not in n and p.requires_grad]
+        opt = torch.optim.AdamW([{"params": others, "lr": lr}, {"params": routers, "lr": router_lr}], weight_decay=0.0)
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters(): p.requires_grad_(False)
     log = []
     model.train()
     for step in tqdm(range(steps), disable=not progress, desc=f"fine-tuning λ={lam}"):
         idx = torch.randint(len(x), (batch_size,), generator=g)
+        x0 = x[idx]
+        t = split_timesteps(batch_size, generator=g) if t_split else torch.randint(0, 1000, (batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        u = torch.rand(batch_size, generator=g) if objective == "flow" else None
+        xt, tm, target = noised_batch(x0, t, noise, objective, sched, u)
         yb = drop_labels(y[idx], model.cfg.num_classes, model.cfg.class_dropout, generator=g)
-        lam_k = lam_schedule(step, lam, warmup)
-        diff = flow_matching_loss(model, x[idx], yb, generator=g)
+        lam_k = lam_schedule(step, lam, warmup, hold)
+        diff = F.mse_loss(model(xt, tm, yb)[:, :x0.shape[1]], target)
         ratio = flops_ratio(model.gates, model.cfg)
         loss = diff + flops_weight * flops_loss(ratio, lam_k)
-        if step < complete_steps:
-            loss = loss + flow_matching_loss(complete, x[idx], yb, generator=g)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        log.append({"step": step, "loss": diff.item(), "ratio": ratio.mean().item(), "lam": lam_k})
-    model.eval()
-    return log
+        stage1 = step < complete_steps
+        if stage1:   # same x_t, t and noise; the label drop is drawn again, as the official forward draws it inside
+            y2 = drop_labels(y[idx], model.cfg.num_classes, model.cfg.class_dropout, generator=g)
+            loss = loss + F.mse_loss(model(xt, tm, y2, complete=True)[:, :x0.shape[1]], target)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        if update == "official":
+            # train.py (stage 1) steps, clips in place, and steps again when the norm is below the limit;
+            # train_without_completemodel.py (stage 2) steps only when the norm is below the limit
+            if stage1: opt.step()
+            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            skipped = not norm < clip
+            if not skipped: opt.step()
+        else:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, clip)); skipped = False
+            opt.step()
+        update_ema(ema, model, ema_decay)
+        log.append({"step": step, "loss": diff.item(), "ratio": ratio.mean().item(), "lam": lam_k, "grad_norm": norm,
+                    "skipped": skipped})
+    model.eval(); ema.clear_cache()
+    return log, ema
 
 # %% ../nbs/12_dydit.ipynb #8811789c
 def paper_numbers() -> dict:
@@ -375,17 +542,16 @@ def model_cost(name: str, lam: float = 0.5) -> dict:
 
 # %% ../nbs/12_dydit.ipynb #80cb80ee
 @torch.no_grad()
-def sample_with_gates(model: DyDiT, y: Tensor, steps: int, seed: int = 0) -> tuple[Tensor, list[list[BlockGates]]]:
+def sample_with_gates(model: DyDiT, y: Tensor, steps: int, seed: int = 0, objective: str = "ddpm") -> tuple[Tensor, list[list[BlockGates]]]:
     "DyDiT sampling from seeded noise that also returns every step's gates: -> samples, [step][block] gates."
     record: list[list[BlockGates]] = []
-    s = dydit_sample(model, y, steps=steps, generator=torch.Generator().manual_seed(seed),
+    s = dydit_sample(model, y, steps=steps, objective=objective, generator=torch.Generator().manual_seed(seed),
                      step_callback=lambda i, x: record.append(list(model.gates)))
     return s, record
 
 # %% ../nbs/12_dydit.ipynb #09463bb2
 def width_curves(model: DyDiT, timesteps: Sequence[float]) -> pd.DataFrame:
     "Active heads and MLP channels of every block at each timestep: rows (t, block, heads, channels)."
-    import pandas as pd
     rows = []
     for t in timesteps:
         for b, (hi, gi) in enumerate(model.width_plan(float(t))):

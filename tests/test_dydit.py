@@ -1,11 +1,14 @@
-"""DyDiT chapter: full-size configs against the DiT paper, sliced inference against the masked model, FLOPs against the counter, bad inputs."""
+"""DyDiT chapter: golden outputs of the official code, full-size configs against the DiT paper, sliced inference against the masked model, FLOPs against the counter, the official training recipe, bad inputs."""
+import numpy as np
 import pytest
 import torch
 
 from paperlab.core import count_flops
 from paperlab.diffusion import DiT, dit_config, tiny_dit_config
-from paperlab.dydit import (BlockGates, DyDiT, block_costs, check_lam, dydit_config, dydit_from, finetune_dydit,
-                            flops_loss, flops_ratio, lam_schedule, model_cost, paper_numbers, router_flops)
+from paperlab.core import repo_root
+from paperlab.dydit import (BlockGates, DyDiT, DyDiTBlock, block_costs, check_lam, ddpm_scheduler, dydit_config, dydit_from,
+                            finetune_dydit, flops_loss, flops_ratio, lam_schedule, model_cost, noised_batch, official_recipe,
+                            paper_numbers, router_flops, sample, scaled_recipe, split_timesteps)
 
 NUMBERS = paper_numbers()
 
@@ -128,8 +131,7 @@ def test_flops_ratio_by_hand():
     assert abs(flops_ratio([g1, g2], cfg).item() - expected) < 1e-6
 
 
-def test_lambda_schedule_and_short_finetune_moves_ratio_down():
-    assert [lam_schedule(s, 0.3, 20) for s in (0, 1, 2, 20, 30)] == [1.0, 1.0, 1.0, 0.3, 0.3]
+def test_short_finetune_moves_ratio_down():
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)      # a toy model: two threads on shared cores are many times slower
@@ -137,10 +139,12 @@ def test_lambda_schedule_and_short_finetune_moves_ratio_down():
         dit = DiT(tiny_dit_config(depth=1, hidden_size=32, num_heads=2))
         model = DyDiT.from_dit(dit, lam=0.3, router_bias=1.0, token_bias=1.0)
         x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,))
-        log = finetune_dydit(model, x, y, 0.3, steps=25, batch_size=8, warmup=5, router_lr=5e-2)
+        log, ema = finetune_dydit(model, x, y, 0.3, steps=25, batch_size=8, lr=5e-4, warmup=5, hold=0, router_lr=5e-2,
+                                  complete_steps=5, ema_decay=0.5)
     finally:
         torch.set_num_threads(threads)
     assert sum(r["ratio"] for r in log[-5:]) / 5 < sum(r["ratio"] for r in log[:3]) / 3
+    assert isinstance(ema, DyDiT) and not ema.training
 
 
 def test_sliced_block_with_everything_on_is_the_plain_block():
@@ -154,3 +158,154 @@ def test_sliced_block_with_everything_on_is_the_plain_block():
         every = torch.arange(4)
         torch.testing.assert_close(sliced_block_forward(blk, h, c, every, every), DiTBlock.forward(blk, h, c), atol=1e-5, rtol=1e-5)
         assert blk.gates.tokens.sum().item() == 3 * 64
+
+
+# ---------------------------------------------------------------- golden outputs of the official code (data/dydit/golden/README.md)
+GOLDEN = repo_root() / "data" / "dydit" / "golden"
+
+
+def _xl_gates(z: dict, flip: bool = False) -> list[BlockGates]:
+    "The stored DiT-XL/2 gate pattern as 28 BlockGates in float64 (flip one token gate for the sensitivity check)."
+    heads, groups, tokens = (torch.from_numpy(z[k].astype(np.float64)) for k in ("heads", "groups", "tokens"))
+    if flip: tokens[0, 5, 17] = 1 - tokens[0, 5, 17]
+    return [BlockGates(heads[:, l], groups[:, l], tokens[:, l]) for l in range(heads.shape[1])]
+
+
+def test_golden_flops_ratio_of_an_xl_gate_pattern():
+    # official loss.py DynamicLoss on a fixed DiT-XL/2 pattern, float64
+    z = np.load(GOLDEN / "flops_xl.npz")
+    cfg = dit_config("DiT-XL/2")
+    r = flops_ratio(_xl_gates(z), cfg)
+    assert np.abs(r.numpy() - z["ratio_per_sample"]).max() < 1e-12
+    assert abs(r.mean().item() - float(z["ratio_mean"])) < 1e-12
+    assert abs(2 * flops_loss(r, 0.5).item() - float(z["loss_lam05"])) < 1e-12
+    assert abs(2 * flops_loss(r, 0.7).item() - float(z["loss_lam07"])) < 1e-12
+    # sensitivity: one token gate of one block flipped moves the ratio far beyond the tolerance
+    assert np.abs(flops_ratio(_xl_gates(z, flip=True), cfg).numpy() - z["ratio_per_sample"]).max() > 1e-7
+
+
+@pytest.mark.parametrize("key,lam,warmup", [("lam0.5_warmup1000", 0.5, 1000), ("lam0.7_warmup5000", 0.7, 5000),
+                                            ("lam0.3_warmup1000", 0.3, 1000)])
+def test_golden_lambda_schedule(key, lam, warmup):
+    # the two statements of the official train.py that set flops_target_ratio, steps 0..6000
+    z = np.load(GOLDEN / "lam_schedule.npz")
+    ours = np.array([lam_schedule(int(s), lam, warmup) for s in z["steps"]])
+    assert np.abs(ours - z[key]).max() < 1e-12
+    # sensitivity: the schedule of our earlier version (held for warmup/10 steps, then linear from there) fails
+    hold = warmup // 10
+    old = np.array([1.0 if s < hold else lam if s >= warmup else 1 + (lam - 1) * (s - hold) / (warmup - hold) for s in z["steps"]])
+    assert np.abs(old - z[key]).max() > 1e-3
+
+
+NAME_MAP = {"attn_rate.router.": "head_router.", "mlp_rate.router.": "group_router.", "token_selection.mlp_head.": "token_router."}
+
+
+def _golden_block(mask_before_act: bool = True):
+    "Our DyDiTBlock holding the official block's stored weights (float64), and the stored arrays."
+    z = np.load(GOLDEN / "block.npz")
+    state = {}
+    for k in z.files:
+        if k.startswith("w:"):
+            name = k[2:]
+            for a, b in NAME_MAP.items(): name = name.replace(a, b)
+            state[name] = torch.from_numpy(z[k])
+    blk = DyDiTBlock(32, 4, token_hidden_ratio=16, mask_before_act=mask_before_act).double()
+    blk.load_state_dict(state, strict=True)
+    return blk.eval(), {k: torch.from_numpy(z[k]) for k in z.files if not k.startswith("w:")}
+
+
+def test_golden_block_forward_gates_and_complete_model():
+    blk, g = _golden_block()
+    with torch.no_grad():
+        out = blk(g["x"], g["c"], g["temb"])
+        assert (out - g["out"]).abs().max() < 1e-12
+        assert torch.equal(blk.gates.heads, g["heads"]) and torch.equal(blk.gates.groups, g["groups"])
+        assert torch.equal(blk.gates.tokens, g["tokens"])
+        assert 0 < g["heads"].mean() < 1 and 0 < g["groups"].mean() < 1 and 0 < g["tokens"].mean() < 1   # gates really close
+        assert (blk(g["x"], g["c"]) - g["out_complete"]).abs().max() < 1e-12
+        blk.mlp.fc2.weight[0, 0] += 1e-6                                                   # sensitivity
+        assert (blk(g["x"], g["c"], g["temb"]) - g["out"]).abs().max() > 1e-9
+
+
+@pytest.mark.parametrize("mask_before_act", [True, False])
+def test_golden_mask_gradients_mlp_mask_before_gelu(mask_before_act):
+    # the gradient w.r.t. the masks is what reaches a router through its straight-through gate
+    blk, g = _golden_block(mask_before_act)
+    hmask, gmask = g["hmask"].clone().requires_grad_(), g["gmask"].clone().requires_grad_()
+    a, m = blk.attn_masked(g["u"], hmask), blk.mlp_masked(g["u"], gmask)
+    assert (a - g["attn_out"]).abs().max() < 1e-12
+    assert (m - g["mlp_out"]).abs().max() < 1e-12                       # forward identical either way: GELU(0) = 0
+    ((a * g["w"]).sum() + (m * g["w"]).sum()).backward()
+    assert (hmask.grad - g["hmask_grad"]).abs().max() < 1e-12
+    err = (gmask.grad - g["gmask_grad"]).abs().max()
+    if mask_before_act:
+        assert err < 1e-12                                              # official placement: same router gradients
+    else:
+        assert err > 1e-3                                               # after the GELU: other router gradients
+
+
+# ---------------------------------------------------------------- the official recipe
+def test_router_init_is_xavier_with_open_biases():
+    blk = DyDiTBlock(384, 6)
+    for lin in (blk.head_router, blk.group_router, blk.token_router[0], blk.token_router[2]):
+        bound = (6 / (lin.in_features + lin.out_features)) ** 0.5
+        assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.8 * bound
+    assert torch.all(blk.head_router.bias == 15) and torch.all(blk.group_router.bias == 15)
+    assert torch.all(blk.token_router[0].bias == 0) and torch.all(blk.token_router[2].bias == 35)
+
+
+def test_timestep_split_and_ddpm_noising():
+    t = split_timesteps(4000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t // 250, torch.arange(4000) % 4) and t.min() == 0 and t.max() == 999
+    x0, noise, tt = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 500, 999])
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[tt][:, None, None, None]
+    xt, tm, target = noised_batch(x0, tt, noise, "ddpm", ddpm_scheduler())
+    torch.testing.assert_close(xt, ab.sqrt() * x0 + (1 - ab).sqrt() * noise, atol=1e-5, rtol=1e-5)   # closed form; diffusers keeps betas in float32
+    assert torch.equal(target, noise) and torch.equal(tm, tt.double())
+
+
+def test_official_recipes_and_scaling():
+    r5, r7, r3 = official_recipe(0.5), official_recipe(0.7), official_recipe(0.3)
+    assert (r5["lr"], r5["clip"], r5["warmup"], r5["complete_steps"], r5["steps"]) == (1e-4, 200.0, 1000, 30_000, 200_000)
+    assert (r7["lr"], r7["clip"], r7["warmup"], r7["complete_steps"], r7["steps"]) == (2.5e-5, 50.0, 5000, 150_000, 150_000)
+    assert "no official script" in r3["script"]
+    s = scaled_recipe(0.7, 300)
+    assert s["complete_steps"] == 300 and s["warmup"] == 10 and abs(s["ema_decay"] - 0.95) < 1e-12   # 10k-step horizon of 150k -> 20 of 300
+
+
+def test_official_update_takes_two_adam_steps_in_stage_one():
+    torch.manual_seed(0)
+    dit = DiT(tiny_dit_config(depth=1, hidden_size=32, num_heads=2))
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    runs = {}
+    for update, complete in (("official", 1), ("official", 0), ("clip", 1)):
+        model = DyDiT.from_dit(dit, lam=0.5)
+        before = model.final_layer.linear.weight.detach().clone()      # the only weights with a gradient at adaLN-Zero start
+        finetune_dydit(model, x, y, 0.5, steps=1, batch_size=8, lr=1e-3, update=update, complete_steps=complete, ema_decay=0.0)
+        runs[update, complete] = (model.final_layer.linear.weight.detach() - before).abs().max().item()
+    # Adam's first step moves each weight by about lr; the official stage 1 steps twice on the same gradient
+    assert 1.7e-3 < runs["official", 1] < 2.1e-3 and 0.9e-3 < runs["clip", 1] < 1.05e-3
+    model = DyDiT.from_dit(dit, lam=0.5)
+    log, _ = finetune_dydit(model, x, y, 0.5, steps=2, batch_size=8, clip=1e-9, complete_steps=0)
+    assert all(r["skipped"] for r in log)                              # stage 2 skips an update whose norm reaches the limit
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_sampling_dydit_equals_masked_and_is_deterministic(objective):
+    _, model = _perturbed_dydit()
+    y = torch.arange(3)
+    a = sample(model, y, 4, objective, generator=torch.Generator().manual_seed(0))
+    b = sample(model, y, 4, objective, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    model.sliced = False
+    torch.testing.assert_close(sample(model, y, 4, objective, generator=torch.Generator().manual_seed(0)), a, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(objective="edm"), "objective"), (dict(update="sgd"), "update"), (dict(steps=0), "steps")])
+def test_finetune_bad_arguments(kw, msg):
+    model = DyDiT(dydit_from(tiny_dit_config(depth=1)))
+    args = dict(steps=1) | kw
+    with pytest.raises(ValueError, match=msg):
+        finetune_dydit(model, torch.randn(4, 1, 16, 16), torch.zeros(4, dtype=torch.long), 0.5, **args)
+    with pytest.raises(ValueError, match="warmup"):
+        lam_schedule(3, 0.5, warmup=0)
