@@ -9,19 +9,19 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import Mlp, PatchEmbed
 from tqdm.auto import tqdm
 
-from .attention import softmax_attention
+from .attention import QKVAttention
 
 # %% auto #0
 __all__ = ['DIT_CONFIGS', 'timestep_embedding', 'TimestepEmbedder', 'sincos_pos_embed_2d', 'SelfAttention', 'modulate',
            'DiTBlock', 'DiTConfig', 'dit_config', 'FinalLayer', 'DiT', 'flow_matching_loss', 'drop_labels',
-           'euler_sample', 'tiny_dit_config', 'digits_for_diffusion', 'train_flow']
+           'guided_velocity', 'euler_sample', 'sde_times', 'sde_drift', 'sde_sample', 'sde_step', 'sde_last_step',
+           'tiny_dit_config', 'digits_for_diffusion', 'train_flow']
 
 # %% ../nbs/07_diffusion.ipynb #b9c829a6
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -41,7 +41,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(t, self.freq_dim))
+        # the sinusoid is computed in float32 (as DiT/SiT); cast it to the MLP's dtype so float64 models run
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 def sincos_pos_embed_2d(dim: int, side: int) -> Tensor:
@@ -56,20 +57,8 @@ def sincos_pos_embed_2d(dim: int, side: int) -> Tensor:
     return torch.cat([enc(xs), enc(ys)], dim=1).float()
 
 # %% ../nbs/07_diffusion.ipynb #9ad3d6f3
-class SelfAttention(nn.Module):
-    "Multi-head softmax self-attention with a fused qkv projection: (B, N, C) -> (B, N, C)."
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.proj(softmax_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+class SelfAttention(QKVAttention):
+    "Multi-head softmax self-attention with a fused qkv projection (`paperlab.attention.QKVAttention`): (B, N, C) -> (B, N, C)."
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -160,6 +149,20 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, attn_factory)
                                      for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        "The official DiT/SiT initialisation: xavier-uniform Linear layers (zero biases), the patch embedding as a Linear, N(0, 0.02) time-MLP weights and label table, then adaLN-Zero."
+        def basic(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None: nn.init.zeros_(m.bias)
+        self.apply(basic)                    # every Linear, those inside the attention module included
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         self._init_zero()
 
     def _init_zero(self) -> None:
@@ -207,30 +210,91 @@ def drop_labels(y: Tensor, num_classes: int, p: float, generator: torch.Generato
     return torch.where(drop, torch.full_like(y, num_classes), y)
 
 
+def guided_velocity(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float = 1.0,
+                    guidance_channels: int | None = 3) -> Tensor:
+    "v(x, t, y) at noise levels t (B,); guidance v_∅ + w(v_y − v_∅) on the first `guidance_channels` channels (official: 3; None: all): -> (B, C, H, W)."
+    c = model.cfg.in_channels
+    if cfg_scale == 1.0:
+        return model(x, 1000 * t, y)[:, :c]
+    null = torch.full_like(y, model.cfg.num_classes)
+    v_c, v_u = model(torch.cat([x, x]), 1000 * torch.cat([t, t]), torch.cat([y, null]))[:, :c].chunk(2)
+    g = c if guidance_channels is None else min(guidance_channels, c)
+    # the official DiT/SiT `forward_with_cfg` guides channels [0, 3) only; the rest keep the conditional output
+    return torch.cat([v_u[:, :g] + cfg_scale * (v_c[:, :g] - v_u[:, :g]), v_c[:, g:]], 1)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    "dtype of the model's first parameter or buffer (the default dtype if it has none)."
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.dtype
+    return torch.get_default_dtype()
+
+
 @torch.no_grad()
 def euler_sample(model: nn.Module, y: Tensor, steps: int = 50, cfg_scale: float = 1.0, generator: torch.Generator | None = None,
                  shape: tuple[int, ...] | None = None, step_callback: Callable[[int, Tensor], None] | None = None,
-                 progress: bool = False) -> Tensor:
+                 progress: bool = False, guidance_channels: int | None = 3) -> Tensor:
     "Integrate dx/dt = v from t=1 to 0 in `steps` Euler steps for labels y (B,): -> (B, C, H, W) samples."
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    cfg = model.cfg
+    cfg, dtype = model.cfg, _model_dtype(model)
     shape = shape or (y.shape[0], cfg.in_channels, cfg.input_size, cfg.input_size)
-    x = torch.randn(shape, generator=generator)
-    ts = torch.linspace(1.0, 0.0, steps + 1)
-    null = torch.full_like(y, cfg.num_classes)
+    x = torch.randn(shape, generator=generator, dtype=dtype)
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=dtype)
     for i in tqdm(range(steps), disable=not progress, desc="sampling"):
-        t = torch.full((shape[0],), float(ts[i]))
-        if cfg_scale == 1.0:
-            v = model(x, 1000 * t, y)[:, :cfg.in_channels]
-        else:
-            both = model(torch.cat([x, x]), 1000 * torch.cat([t, t]), torch.cat([y, null]))[:, :cfg.in_channels]
-            v_c, v_u = both.chunk(2)
-            v = v_u + cfg_scale * (v_c - v_u)
+        v = guided_velocity(model, x, ts[i].expand(shape[0]), y, cfg_scale, guidance_channels)
         x = x + (ts[i + 1] - ts[i]) * v
         if step_callback is not None:
             step_callback(i, x)
     return x
+
+
+def sde_times(steps: int = 250, last_step_size: float = 0.04, dtype: torch.dtype = torch.float32) -> Tensor:
+    "SiT's SDE grid t_k = linspace(0, 1 − last_step_size, steps) in SiT's time (t = 0 is noise; the book's noise level is s = 1 − t): -> (steps,)."
+    if steps < 2:
+        raise ValueError(f"the SDE sampler needs steps >= 2, got {steps}")
+    if not 0.0 <= last_step_size < 1.0:
+        raise ValueError(f"last_step_size must be in [0, 1), got {last_step_size}")
+    return torch.linspace(0.0, 1.0 - last_step_size, steps, dtype=dtype)
+
+
+def sde_drift(x: Tensor, v: Tensor, s: Tensor | float, norm: float = 1.0) -> Tensor:
+    "Drift of SiT's SDE with diffusion w_t = norm·σ_t, in the book's time: −(1 + norm·(1 − s))·v − norm·x (v: the book's velocity)."
+    # SiT: u + w_t·score with u = −v, t = 1 − s, score = (t·u − x)/σ_t and σ_t = 1 − t = s
+    return -(1 + norm * (1 - s)) * v - norm * x
+
+
+@torch.no_grad()
+def sde_sample(model: nn.Module, y: Tensor, steps: int = 250, last_step_size: float = 0.04, diffusion_norm: float = 1.0,
+               cfg_scale: float = 1.0, generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None,
+               progress: bool = False, guidance_channels: int | None = 3) -> Tensor:
+    "SiT's default sampler: Euler–Maruyama over steps − 1 intervals of t ∈ [0, 1 − last_step_size], then one noiseless mean step of `last_step_size`: -> (B, C, H, W)."
+    cfg, dtype = model.cfg, _model_dtype(model)
+    ts = sde_times(steps, last_step_size, dtype)
+    shape = shape or (y.shape[0], cfg.in_channels, cfg.input_size, cfg.input_size)
+    x = torch.randn(shape, generator=generator, dtype=dtype)
+    for k in tqdm(range(steps - 1), disable=not progress, desc="sampling (SDE)"):
+        x = sde_step(model, x, y, ts, k, torch.randn(shape, generator=generator, dtype=dtype), diffusion_norm, cfg_scale, guidance_channels)
+    if last_step_size > 0:
+        x = sde_last_step(model, x, y, ts, last_step_size, diffusion_norm, cfg_scale, guidance_channels)
+    return x
+
+
+def sde_step(model: nn.Module, x: Tensor, y: Tensor, ts: Tensor, k: int, w: Tensor, diffusion_norm: float = 1.0,
+             cfg_scale: float = 1.0, guidance_channels: int | None = 3) -> Tensor:
+    "One Euler–Maruyama step from SiT time ts[k] to ts[k+1] with standard normal w: x + drift·dt + √(2·norm·s)·√dt·w -> (B, C, H, W)."
+    s, dt = 1 - ts[k], ts[1] - ts[0]
+    v = guided_velocity(model, x, s.expand(x.shape[0]), y, cfg_scale, guidance_channels)
+    return x + sde_drift(x, v, s, diffusion_norm) * dt + torch.sqrt(2 * diffusion_norm * s) * (w * torch.sqrt(dt))
+
+
+def sde_last_step(model: nn.Module, x: Tensor, y: Tensor, ts: Tensor, last_step_size: float, diffusion_norm: float = 1.0,
+                  cfg_scale: float = 1.0, guidance_channels: int | None = 3) -> Tensor:
+    "SiT's final 'Mean' step: the drift at t = ts[-1] times `last_step_size`, no noise -> (B, C, H, W)."
+    s = 1 - ts[-1]
+    v = guided_velocity(model, x, s.expand(x.shape[0]), y, cfg_scale, guidance_channels)
+    return x + sde_drift(x, v, s, diffusion_norm) * last_step_size
+
 
 # %% ../nbs/07_diffusion.ipynb #39cc324f
 def tiny_dit_config(**overrides) -> DiTConfig:

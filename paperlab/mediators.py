@@ -7,23 +7,33 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from typing import Callable, Sequence
 
+import matplotlib.pyplot as plt
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import trunc_normal_
+from tqdm.auto import tqdm
 
-from .attention import mediator_attention, mediator_weights_pair
-from .core import count_flops, count_params, repo_root
-from .diffusion import DiT, DiTConfig, SelfAttention, dit_config
+from .attention import (QKVAttention, mediator_attention, mediator_attention_weights, mediator_weights_pair,
+                                merge_heads, softmax_attention_weights)
+from .core import count_flops, count_params, deterministic, repo_root
+from .diffusion import (DiT, DiTConfig, SelfAttention, _model_dtype, digits_for_diffusion, dit_config, euler_sample,
+                                guided_velocity, sde_last_step, sde_sample, sde_step, sde_times, tiny_dit_config, train_flow)
+from .metrics import sample_quality
 
 # %% auto #0
-__all__ = ['mediator_grid', 'MediatorAttention', 'mediator_sit', 'paper_numbers', 'model_cost', 'jsd_redundancy',
-           'softmax_block_weights', 'block_weights', 'attention_along_sampling', 'plot_mediator_maps',
-           'plot_implied_vs_softmax', 'dynamic_euler_sample']
+__all__ = ['mediator_grid', 'MediatorAttention', 'mediator_sit', 'paper_numbers', 'model_cost', 'pairwise_jsd', 'jsd_score',
+           'softmax_block_weights', 'block_weights', 'attention_along_sampling', 'toy_mediator_dit',
+           'redundancy_along_sampling', 'run_arm', 'run_dynamic', 'run_jobs', 'plot_mediator_maps',
+           'plot_implied_vs_softmax', 'GaussianToyField', 'step_distance', 'dynamic_sample', 'switch_steps',
+           'mediator_token_mixing']
 
 # %% ../nbs/11_mediators.ipynb #d5be0040
 def mediator_grid(num_mediators: int) -> int:
@@ -34,16 +44,12 @@ def mediator_grid(num_mediators: int) -> int:
     return side
 
 
-class MediatorAttention(nn.Module):
+class MediatorAttention(QKVAttention):
     "Attention through M pooled mediator tokens with position biases and a depthwise conv on v: (B, N, C) -> (B, N, C)."
     def __init__(self, dim: int, num_heads: int, latent_side: int, num_mediators: int, qkv_bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads, self.side, self.num_mediators = num_heads, latent_side, num_mediators
+        super().__init__(dim, num_heads, qkv_bias)          # qkv, proj, the dim/heads check
+        self.side, self.num_mediators = latent_side, num_mediators
         self.pool = nn.AdaptiveAvgPool2d(mediator_grid(num_mediators))
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
         self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         h, m, s = num_heads, num_mediators, latent_side
         self.bias_mk_coarse = nn.Parameter(torch.zeros(h, m, 7, 7))     # mediators -> keys
@@ -66,11 +72,10 @@ class MediatorAttention(nn.Module):
         b, n, c = x.shape
         if n != self.side ** 2:
             raise ValueError(f"MediatorAttention was built for a {self.side}×{self.side} grid ({self.side ** 2} tokens), got {n} tokens")
-        q, k, v = self.qkv(x).reshape(b, n, 3, c).unbind(2)
-        grid = q.transpose(1, 2).reshape(b, c, self.side, self.side)
+        q, k, v = self.heads(x)
+        grid = merge_heads(q).transpose(1, 2).reshape(b, c, self.side, self.side)
         m = self.pool(grid).flatten(2).transpose(1, 2)                    # (B, M, C): pooled queries
-        heads = lambda t: t.reshape(b, t.shape[1], self.num_heads, c // self.num_heads).transpose(1, 2)
-        return heads(q), heads(k), heads(v), heads(m)
+        return q, k, v, m.reshape(b, self.num_mediators, self.num_heads, self.head_dim).transpose(1, 2)
 
     def implied_weights(self, x: Tensor) -> Tensor:
         "The implied N×N attention matrix of each head: (B, N, C) -> (B, H, N, N)."
@@ -82,8 +87,8 @@ class MediatorAttention(nn.Module):
         b, n, c = x.shape
         q, k, v, m = self.qkvm(x)
         b_mk, b_qm = self.position_biases()
-        out = mediator_attention(q, k, v, m, bias_mk=b_mk, bias_qm=b_qm).transpose(1, 2).reshape(b, n, c)
-        v_grid = v.transpose(1, 2).reshape(b, n, c).transpose(1, 2).reshape(b, c, self.side, self.side)
+        out = merge_heads(mediator_attention(q, k, v, m, bias_mk=b_mk, bias_qm=b_qm))
+        v_grid = merge_heads(v).transpose(1, 2).reshape(b, c, self.side, self.side)
         return self.proj(out + self.dwc(v_grid).flatten(2).transpose(1, 2))
 
 # %% ../nbs/11_mediators.ipynb #9afb89b5
@@ -108,21 +113,27 @@ def model_cost(name: str, num_mediators: int | None = None) -> dict:
     return {"params_M": count_params(model) / 1e6, "flops_G": count_flops(model, x, t, y).giga}
 
 # %% ../nbs/11_mediators.ipynb #13b9347d
-def jsd_redundancy(attn: Tensor) -> Tensor:
-    "1 − mean pairwise Jensen-Shannon divergence (in bits) between the rows of each matrix: (..., N, N) -> (...)."
+def pairwise_jsd(attn: Tensor) -> Tensor:
+    "Jensen-Shannon divergence (bits) between every pair of rows of each matrix: (..., N, N) -> (..., N, N)."
     p = attn.clamp_min(1e-12)
     mid = (p[..., :, None, :] + p[..., None, :, :]) / 2                          # (..., N, N, N)
     kl = lambda a: (a * (a.log() - mid.log())).sum(-1)
-    jsd = 0.5 * (kl(p[..., :, None, :]) + kl(p[..., None, :, :])) / math.log(2)
-    n = attn.shape[-1]
-    return 1 - jsd.sum((-1, -2)) / (n * (n - 1))
+    return 0.5 * (kl(p[..., :, None, :]) + kl(p[..., None, :, :])) / math.log(2)
+
+
+def jsd_score(attn: Tensor) -> Tensor:
+    "The paper's layer score S = 2/(M·N(N−1)) Σ_heads Σ_{i<j} JSD(A_i, A_j) over the M heads of (..., M, N, N) -> (...); low S = redundant."
+    if attn.dim() < 3 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"jsd_score needs (..., heads, N, N) attention matrices, got {tuple(attn.shape)}")
+    m, n = attn.shape[-3], attn.shape[-1]
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+    return 2 * pairwise_jsd(attn)[..., upper].sum((-1, -2)) / (m * n * (n - 1))
 
 
 def softmax_block_weights(attn: SelfAttention, x: Tensor) -> Tensor:
     "Attention matrices of a softmax `SelfAttention` on its input: (B, N, C) -> (B, H, N, N)."
-    b, n, c = x.shape
-    q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
-    return torch.softmax(q @ k.transpose(-2, -1) * (c // attn.num_heads) ** -0.5, -1)
+    q, k, _ = attn.heads(x)
+    return softmax_attention_weights(q, k)
 
 
 def block_weights(attn: nn.Module, x: Tensor) -> Tensor:
@@ -131,21 +142,88 @@ def block_weights(attn: nn.Module, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def attention_along_sampling(model: DiT, y: Tensor, steps: int, generator: torch.Generator | None = None) -> list[list[Tensor]]:
-    "Attention matrices of every block at every Euler step of sampling: [step][block] -> (B, H, N, N)."
+def attention_along_sampling(model: DiT, y: Tensor, steps: int, generator: torch.Generator | None = None,
+                             sampler: str = "sde") -> list[list[Tensor]]:
+    "Attention matrices of every block at every model call of sampling ('sde': SiT's sampler, 'ode': Euler): [step][block] -> (B, H, N, N)."
+    if sampler not in ("sde", "ode"):
+        raise ValueError(f"sampler must be 'sde' or 'ode', got {sampler!r}")
     inputs: list[list[Tensor]] = []
     hooks = [blk.attn.register_forward_hook(lambda mod, args, out, i=i: inputs[-1].append(block_weights(mod, args[0])))
              for i, blk in enumerate(model.blocks)]
     try:
-        # one list per model call (one call per Euler step at cfg_scale 1)
+        # one list per model call (one call per step at guidance scale 1)
         pre = model.register_forward_pre_hook(lambda mod, args: inputs.append([]))
         try:
-            euler_sample(model, y, steps=steps, generator=generator)
+            (sde_sample if sampler == "sde" else euler_sample)(model, y, steps=steps, generator=generator)
         finally:
             pre.remove()
     finally:
         for h in hooks: h.remove()
     return inputs
+
+# %% ../nbs/11_mediators.ipynb #7e1a0c01
+def toy_mediator_dit(num_mediators: int | None, depth: int = 4, hidden: int = 64) -> DiT:
+    "The book's toy DiT on 16×16 digits (8×8 tokens) with softmax attention (None) or `num_mediators` mediators."
+    cfg = tiny_dit_config(depth=depth, hidden_size=hidden)
+    if num_mediators is None:
+        return DiT(cfg)
+    return DiT(cfg, attn_factory=partial(MediatorAttention, latent_side=cfg.input_size // cfg.patch_size, num_mediators=num_mediators))
+
+
+def redundancy_along_sampling(model: DiT, probes: int, steps: int, seed: int) -> Tensor:
+    "The paper's JSD score S of every block at every SDE step, averaged over `probes` samples: -> (steps, blocks)."
+    y = torch.arange(probes) % model.cfg.num_classes
+    traj = attention_along_sampling(model, y, steps, generator=torch.Generator().manual_seed(seed))
+    return torch.stack([torch.stack([jsd_score(w).mean() for w in step]) for step in traj])
+
+
+def run_arm(num_mediators: int | None, seed: int, train: dict) -> dict:
+    "One arm and seed of the chapter's experiment: train the toy DiT, sample it with SiT's SDE sampler, score the samples (and the softmax arm's redundancy): -> dict."
+    deterministic(threads=1, seed=seed)
+    xd, yd = digits_for_diffusion("train")
+    x_ref, _ = digits_for_diffusion("test")
+    model = toy_mediator_dit(num_mediators, train["depth"], train["hidden"])
+    t0 = time.perf_counter()
+    losses = train_flow(model, xd, yd, steps=train["steps"], batch_size=train["batch_size"], lr=train["lr"], seed=seed, progress=False)
+    train_s = time.perf_counter() - t0
+    y_gen = torch.arange(train["n_samples"]) % 10
+    samples = sde_sample(model, y_gen, steps=train["sample_steps"], generator=torch.Generator().manual_seed(seed + 1))
+    out = {"m": num_mediators, "seed": seed, "train_s": train_s, "final_loss": float(np.mean(losses[-20:])),
+           **sample_quality(samples, y_gen, x_ref, seed=0), "samples": samples[:20], "state": model.state_dict()}
+    if num_mediators is None:
+        out["redundancy"] = redundancy_along_sampling(model, train["probes"], train["sample_steps"], seed)
+    return out
+
+
+def run_dynamic(seed: int, ratio: float, states: Sequence[dict], mediators: Sequence[int], train: dict, per: str = "batch") -> dict:
+    "Dynamic SDE sampling (official rule) from `mediators[0]` to `mediators[1]` models with trained `states`, scored: -> dict."
+    deterministic(threads=1, seed=seed)
+    models = []
+    for m, st in zip(mediators, states):
+        model = toy_mediator_dit(m, train["depth"], train["hidden"])
+        model.load_state_dict(st)
+        models.append(model.eval())
+    x_ref, _ = digits_for_diffusion("test")
+    y_gen = torch.arange(train["n_samples"]) % 10
+    samples, used = dynamic_sample(models, [ratio], y_gen, steps=train["sample_steps"], per=per,
+                                   generator=torch.Generator().manual_seed(seed + 1))
+    return {"seed": seed, "ratio": ratio, "per": per, "used": used, **sample_quality(samples, y_gen, x_ref, seed=0)}
+
+
+def _call(job: tuple) -> dict:
+    "Unpack (fn, args) for a worker process."
+    fn, args = job
+    return fn(*args)
+
+
+def run_jobs(jobs: Sequence[tuple[Callable, tuple]], workers: int = 1, desc: str = "runs") -> list[dict]:
+    "Run (fn, args) jobs in `workers` spawned processes (1: in this process), results in job order, with a tqdm bar."
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers == 1:
+        return [_call(j) for j in tqdm(jobs, desc=desc)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(_call, jobs), total=len(jobs), desc=desc))
 
 # %% ../nbs/11_mediators.ipynb #df27729e
 def plot_mediator_maps(model: DiT, x: Tensor, t: float, y: int, block: int = 0, head: int = 0):
@@ -190,39 +268,107 @@ def plot_implied_vs_softmax(models: dict[str, DiT], y: Tensor, steps: int, step_
     return fig
 
 # %% ../nbs/11_mediators.ipynb #0fdd011c
+class GaussianToyField(nn.Module):
+    "Exact flow velocity (book time: s = 1 is noise) for data N(mu, std²), called like a DiT: x (B, C, H, W), 1000·s (B,), y (B,) -> v."
+    def __init__(self, mu: Tensor, std: float, num_classes: int = 10):
+        super().__init__()
+        if mu.dim() != 4 or mu.shape[0] != 1 or mu.shape[-1] != mu.shape[-2]:
+            raise ValueError(f"mu must be (1, C, S, S), got {tuple(mu.shape)}")
+        self.register_buffer("mu", mu)
+        self.std = std
+        self.cfg = DiTConfig(input_size=mu.shape[-1], patch_size=1, in_channels=mu.shape[1], hidden_size=4, depth=0,
+                             num_heads=1, num_classes=num_classes, learn_sigma=False)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        s = (t / 1000)[:, None, None, None]
+        var = (1 - s) ** 2 * self.std ** 2 + s ** 2
+        return -self.mu + (s - (1 - s) * self.std ** 2) * (x - (1 - s) * self.mu) / var
+
+
+class _Routed(nn.Module):
+    "Calls models[active[i]] on sample i (the batch may be doubled for guidance): x (B, C, H, W), t, y -> output."
+    def __init__(self, models: Sequence[nn.Module], active: Tensor):
+        super().__init__()
+        self.models, self.active, self.cfg = list(models), active, models[0].cfg
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        act = self.active.repeat(x.shape[0] // self.active.shape[0])
+        if bool((act == act[0]).all()):
+            return self.models[int(act[0])](x, t, y)
+        outs = {j: self.models[j](x[act == j], t[act == j], y[act == j]) for j in act.unique().tolist()}
+        out = x.new_empty((x.shape[0],) + next(iter(outs.values())).shape[1:])
+        for j, o in outs.items():
+            out[act == j] = o
+        return out
+
+
+def step_distance(a: Tensor, b: Tensor, distance: str = "mae", per: str = "batch") -> Tensor:
+    "Change between two samples: F.l1_loss ('mae') or F.mse_loss ('mse') over the whole batch (per='batch': a scalar, as the official sampler) or per sample: -> () or (B,)."
+    fn = {"mae": F.l1_loss, "mse": F.mse_loss}[distance]
+    return fn(a, b) if per == "batch" else fn(a, b, reduction="none").flatten(1).mean(1)
+
+
 @torch.no_grad()
-def dynamic_euler_sample(models: Sequence[nn.Module], switch_ratios: Sequence[float], y: Tensor, steps: int,
-                         first_several: int = 3, generator: torch.Generator | None = None,
-                         shape: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
-    "Euler sampling that moves each sample from models[i] to models[i+1] when its step change < ratio_i × early mean: -> (samples, model index per step (steps, B))."
+def dynamic_sample(models: Sequence[nn.Module], switch_ratios: Sequence[float], y: Tensor, steps: int = 250,
+                   sampler: str = "sde", per: str = "batch", distance: str = "mae", first_several: int = 3,
+                   last_step_size: float = 0.04, diffusion_norm: float = 1.0, cfg_scale: float = 1.0,
+                   guidance_channels: int | None = 3, generator: torch.Generator | None = None,
+                   shape: tuple[int, ...] | None = None, x_init: Tensor | None = None,
+                   progress: bool = False) -> tuple[Tensor, Tensor]:
+    "Sample with models[0] and move to models[i+1] once the step change < ratio_i × its mean over steps 1..K (official `SwitchModelThree` rule): -> (samples, model index at each step (steps, B))."
     if len(switch_ratios) != len(models) - 1:
         raise ValueError(f"need one switch ratio per switch: {len(models)} models, {len(switch_ratios)} ratios")
     if any(r < 0 for r in switch_ratios):
         raise ValueError(f"switch ratios must be >= 0, got {list(switch_ratios)}")
-    if not 1 <= first_several < steps:
-        raise ValueError(f"first_several must be in [1, steps), got {first_several} with {steps} steps")
-    cfg = models[0].cfg
+    for name, value, allowed in (("sampler", sampler, ("ode", "sde")), ("per", per, ("batch", "sample")), ("distance", distance, ("mae", "mse"))):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    watched = steps if sampler == "ode" else steps - 1          # the SDE's final mean step is not watched (official loop)
+    if not 1 <= first_several < watched:
+        raise ValueError(f"first_several must be in [1, {watched}) with {steps} {sampler} steps, got {first_several}")
+    cfg, dtype = models[0].cfg, _model_dtype(models[0])
     b = y.shape[0]
     shape = shape or (b, cfg.in_channels, cfg.input_size, cfg.input_size)
-    x = torch.randn(shape, generator=generator)
-    ts = torch.linspace(1.0, 0.0, steps + 1)
+    x = torch.randn(shape, generator=generator, dtype=dtype) if x_init is None else x_init.to(dtype)
     active = torch.zeros(b, dtype=torch.long)
-    early_mean = torch.zeros(b)
+    routed = _Routed(models, active)
+    early = torch.zeros((), dtype=torch.float64) if per == "batch" else torch.zeros(b, dtype=torch.float64)
     used = torch.zeros(steps, b, dtype=torch.long)
-    for i in range(steps):
-        v = torch.empty_like(x)
-        for j, model in enumerate(models):
-            sel = active == j
-            if sel.any():
-                v[sel] = model(x[sel], torch.full((int(sel.sum()),), 1000.0 * float(ts[i])), y[sel])[:, :cfg.in_channels]
-        used[i] = active
-        x_new = x + (ts[i + 1] - ts[i]) * v
-        delta = (x_new - x).abs().flatten(1).mean(1)
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=dtype) if sampler == "ode" else sde_times(steps, last_step_size, dtype)
+    for i in tqdm(range(watched), disable=not progress, desc=f"dynamic sampling ({sampler})"):
+        used[i] = routed.active = active
+        if sampler == "ode":
+            x_new = x + (ts[i + 1] - ts[i]) * guided_velocity(routed, x, ts[i].expand(b), y, cfg_scale, guidance_channels)
+        else:
+            w = torch.randn(shape, generator=generator, dtype=dtype)
+            x_new = sde_step(routed, x, y, ts, i, w, diffusion_norm, cfg_scale, guidance_channels)
+        delta = step_distance(x_new, x, distance, per).double()
         if 1 <= i <= first_several:
-            early_mean += delta / first_several
+            early = early + delta / first_several
         elif i > first_several:
-            for j, r in enumerate(switch_ratios):
-                move = (active == j) & (delta < r * early_mean)
+            for j, r in enumerate(switch_ratios):          # in order, so one step can move 0 -> 1 -> 2, as the official loop
+                move = (active == j) & (delta < r * early)
                 active = torch.where(move, torch.full_like(active, j + 1), active)
         x = x_new
+    if sampler == "sde":
+        used[-1] = routed.active = active
+        if last_step_size > 0:
+            x = sde_last_step(routed, x, y, ts, last_step_size, diffusion_norm, cfg_scale, guidance_channels)
     return x, used
+
+
+def switch_steps(used: Tensor, num_models: int, sample: int = 0) -> list[int | None]:
+    "First step that uses model j or a later one, for j = 1 .. num_models − 1 (None: never), from a (steps, B) record: -> list."
+    col = used[:, sample]
+    return [int((col >= j).nonzero()[0, 0]) if bool((col >= j).any()) else None for j in range(1, num_models)]
+
+# %% ../nbs/11_mediators.ipynb #5c2d9e11
+def mediator_token_mixing(q: Tensor, k: Tensor, v: Tensor, num_mediators: int) -> Tensor:
+    "Mediators average-pooled from q on the √N×√N grid, then two-step mediator attention (no biases, no conv): (B, H, N, d) ×3 -> (B, H, N, d)."
+    b, h, n, d = q.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"mediator_token_mixing needs a square token grid, got N = {n}")
+    g = mediator_grid(num_mediators)
+    m = F.adaptive_avg_pool2d(q.reshape(b * h, side, side, d).permute(0, 3, 1, 2), g)    # (B·H, d, √M, √M)
+    return mediator_attention(q, k, v, m.reshape(b, h, d, g * g).transpose(-2, -1))

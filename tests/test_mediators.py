@@ -1,13 +1,125 @@
-"""Attention Mediators chapter: full-size configs against the official counts, linear cost, bad inputs."""
+"""Attention Mediators chapter: golden outputs of the official code, full-size configs against the official counts, linear cost, the switching sampler, bad inputs."""
+import json
+
+import numpy as np
 import pytest
 import torch
 
 from paperlab.attention import mediator_attention
-from paperlab.core import count_flops
-from paperlab.diffusion import DiT, tiny_dit_config
-from paperlab.mediators import MediatorAttention, dynamic_euler_sample, mediator_grid, model_cost, paper_numbers
+from paperlab.core import count_flops, repo_root
+from paperlab.diffusion import DiT, sde_sample, tiny_dit_config
+from paperlab.mediators import (GaussianToyField, MediatorAttention, dynamic_sample, jsd_score, mediator_grid, model_cost,
+                                paper_numbers, step_distance, switch_steps)
 
 COUNTED = paper_numbers()["counted"]
+GOLDEN = repo_root() / "data" / "mediators" / "golden"
+# official parameter names -> paperlab's (data/mediators/golden/README.md)
+NAME_MAP = {"an_bias": "bias_mk_coarse", "na_bias": "bias_qm_coarse", "ah_bias": "bias_mk_row", "aw_bias": "bias_mk_col",
+            "ha_bias": "bias_qm_row", "wa_bias": "bias_qm_col"}
+
+
+def golden_attention():
+    "paperlab's MediatorAttention with the golden recipe's weights, the golden input, and the official outputs."
+    meta = json.loads((GOLDEN / "mediator_attention_s2_m16.json").read_text())
+    g = torch.Generator().manual_seed(meta["seed"])
+    params = {n: torch.randn(s, generator=g, dtype=torch.float64) * (0.5 if n.endswith("_bias") else 0.05)
+              for n, s in zip(meta["names"], meta["shapes"])}
+    x = torch.randn(meta["input_shape"], generator=g, dtype=torch.float64)
+    assert np.allclose([float(p.sum()) for p in params.values()], meta["param_sums"], rtol=0, atol=1e-9), "torch's generator changed"
+    ma = MediatorAttention(384, 6, latent_side=16, num_mediators=16).double().eval()
+    sd = ma.state_dict()
+    ma.load_state_dict({NAME_MAP.get(n, n): p.reshape(sd[NAME_MAP.get(n, n)].shape) for n, p in params.items()})
+    ref = np.stack([np.load(GOLDEN / "mediator_attention_s2_m16.npz")["out0"], np.load(GOLDEN / "mediator_attention_s2_m16_b1.npz")["out1"]])
+    return ma, x, torch.from_numpy(ref)
+
+
+def test_mediator_attention_equals_the_official_module():
+    ma, x, ref = golden_attention()
+    with torch.no_grad():
+        err = (ma(x) - ref).abs().max().item()
+    assert err < 1e-12, err
+
+
+def test_golden_attention_test_can_fail():
+    ma, x, ref = golden_attention()
+    with torch.no_grad():
+        ma.bias_qm_row[0, 3, 0, 5] += 1e-3            # one position bias of one head, one mediator
+        err = (ma(x) - ref).abs().max().item()
+    assert err > 1e-7, err
+
+
+def golden_switching():
+    z = np.load(GOLDEN / "switching_sde_toy.npz")
+    fields = [GaussianToyField(torch.from_numpy(z["mu"]), s) for s in z["stds"].tolist()]
+    runs = {}
+    for key in [k[:-len("_calls")] for k in z.files if k.endswith("_calls")]:
+        r1, r2, dist = key.split("_")
+        runs[key] = ([float(r1[1:]), float(r2)], dist, z[key + "_calls"], z[key + "_final"])
+    return fields, runs
+
+
+@pytest.mark.parametrize("key", sorted(golden_switching()[1]))
+def test_switching_sde_equals_the_official_loop(key):
+    fields, runs = golden_switching()
+    ratios, dist, calls, final = runs[key]
+    x, used = dynamic_sample(fields, ratios, torch.zeros(4, dtype=torch.long), steps=250, sampler="sde", per="batch",
+                             distance=dist, generator=torch.Generator().manual_seed(11))
+    # the official drift calls the model twice per step (velocity and score), with the same model
+    assert (calls[::2] == calls[1::2]).all()
+    assert (used == used[:, :1]).all()                          # one decision per batch
+    assert (used[:, 0].numpy() == calls[::2]).all()
+    assert np.abs(x.numpy() - final).max() < 1e-12
+
+
+def test_golden_switching_test_can_fail():
+    fields, runs = golden_switching()
+    ratios, dist, calls, final = runs["r0.7_0.5_mae"]
+    fields[1].std += 1e-6                                       # the second model, slightly changed
+    x, used = dynamic_sample(fields, ratios, torch.zeros(4, dtype=torch.long), steps=250, distance=dist,
+                             generator=torch.Generator().manual_seed(11))
+    assert np.abs(x.numpy() - final).max() > 1e-9
+
+
+def test_no_switch_equals_the_single_model_sde_sampler():
+    mu = torch.randn(1, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fields = [GaussianToyField(mu, 0.3), GaussianToyField(mu, 0.9)]
+    y = torch.zeros(3, dtype=torch.long)
+    x, used = dynamic_sample(fields, [0.0], y, steps=20, generator=torch.Generator().manual_seed(1))
+    ref = sde_sample(fields[0], y, steps=20, generator=torch.Generator().manual_seed(1))
+    assert int(used.sum()) == 0 and torch.equal(x, ref)
+
+
+def test_per_sample_switching_is_the_batch_rule_on_each_sample_alone():
+    # the official README samples with --per_proc_batch_size 1: there the batch rule is a per-sample rule
+    mu = torch.randn(1, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fields = [GaussianToyField(mu, 0.2), GaussianToyField(mu, 0.4)]
+    x0 = torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * torch.tensor([0.3, 3.0]).double()[:, None, None, None]
+    y = torch.zeros(2, dtype=torch.long)
+    kw = dict(steps=40, sampler="ode", x_init=x0)
+    x_s, used_s = dynamic_sample(fields, [0.9], y, per="sample", **kw)
+    for i in range(2):
+        x_i, used_i = dynamic_sample(fields, [0.9], y[:1], per="batch", **{**kw, "x_init": x0[i:i + 1]})
+        assert torch.equal(used_s[:, i], used_i[:, 0])
+        torch.testing.assert_close(x_s[i], x_i[0], rtol=0, atol=1e-12)
+    _, used_b = dynamic_sample(fields, [0.9], y, per="batch", **kw)
+    assert (used_b == used_b[:, :1]).all()
+    assert not torch.equal(used_s[:, 0], used_s[:, 1])          # the two samples switch at different steps
+    a = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)); b = torch.zeros(2, 3, 4)
+    torch.testing.assert_close(step_distance(a, b, "mae", "sample"), a.abs().flatten(1).mean(1))
+    torch.testing.assert_close(step_distance(a, b, "mse", "batch"), (a ** 2).mean())
+    assert switch_steps(used_s, 2, 0) == [None] and switch_steps(used_s, 2, 1) == [int((used_s[:, 1] >= 1).nonzero()[0, 0])]
+
+
+def test_jsd_score_closed_forms():
+    n = 5
+    same = torch.full((2, n, n), 1 / n)
+    assert jsd_score(same).item() == pytest.approx(0.0, abs=1e-6)
+    assert jsd_score(torch.eye(n)[None]).item() == pytest.approx(1.0, abs=1e-6)   # disjoint rows: 1 bit per pair
+    # two heads, three rows: head 0 all alike, head 1 identity -> mean over heads of (0, 1) = 0.5
+    both = torch.stack([torch.full((3, 3), 1 / 3), torch.eye(3)])
+    assert jsd_score(both).item() == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ValueError, match="heads, N, N"):
+        jsd_score(torch.rand(3, 4))
 
 
 @pytest.mark.parametrize("name,m", [(n, int(m)) for n, by_m in COUNTED.items() for m in by_m])
@@ -26,6 +138,12 @@ def test_module_flops_are_linear_in_tokens_for_fixed_m():
     assert flops[32] == 4 * flops[16] and flops[64] == 4 * flops[32]
 
 
+def test_implied_weights_work_without_the_notebook():
+    # issue 9 §1: this raised NameError when the import lived only in a notebook cell
+    w = MediatorAttention(32, 2, latent_side=4, num_mediators=4).implied_weights(torch.randn(1, 16, 32))
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, 16))
+
+
 @pytest.mark.parametrize("m", [0, 2, 8, 15, -4])
 def test_m_must_be_a_perfect_square(m):
     with pytest.raises(ValueError, match="perfect square"):
@@ -40,17 +158,25 @@ def test_mismatched_shapes_are_clear_errors():
         mediator_attention(q, q, torch.randn(1, 2, 15, 8), torch.randn(1, 2, 4, 8))
     with pytest.raises(ValueError, match="grid"):
         MediatorAttention(32, 2, latent_side=4, num_mediators=4)(torch.randn(1, 20, 32))
+    with pytest.raises(ValueError, match="mu must be"):
+        GaussianToyField(torch.zeros(4, 4), 0.5)
 
 
 def test_dynamic_sampler_rejects_bad_settings():
     models = [DiT(tiny_dit_config(depth=1)), DiT(tiny_dit_config(depth=1))]
     y = torch.arange(2)
     with pytest.raises(ValueError, match="one switch ratio per switch"):
-        dynamic_euler_sample(models, [], y, steps=5)
+        dynamic_sample(models, [], y, steps=5)
     with pytest.raises(ValueError, match=">= 0"):
-        dynamic_euler_sample(models, [-0.5], y, steps=5)
+        dynamic_sample(models, [-0.5], y, steps=5)
     with pytest.raises(ValueError, match="first_several"):
-        dynamic_euler_sample(models, [0.5], y, steps=3, first_several=3)
+        dynamic_sample(models, [0.5], y, steps=4, first_several=3)          # SDE: 3 watched steps
+    with pytest.raises(ValueError, match="sampler must be"):
+        dynamic_sample(models, [0.5], y, steps=5, sampler="heun")
+    with pytest.raises(ValueError, match="per must be"):
+        dynamic_sample(models, [0.5], y, steps=5, per="token")
+    with pytest.raises(ValueError, match="distance must be"):
+        dynamic_sample(models, [0.5], y, steps=5, distance="l3")
 
 
 def test_both_softmax_steps_are_row_stochastic_and_compose_to_the_implied_matrix():
