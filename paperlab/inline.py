@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -31,7 +32,7 @@ __all__ = ['INLINE_KERNELS', 'MODEL_CONFIGS', 'VARIANTS', 'row_distance', 'colli
            'InLineAttention', 'InLineDeiTConfig', 'InLineSwinConfig', 'parse_attn_types', 'build_inline_deit',
            'build_inline_swin', 'build_model', 'create_inline_model', 'from_official', 'load_golden', 'golden_modules',
            'golden_error', 'paper_numbers', 'model_cost', 'tiny_vit', 'capture_qk', 'semantic_confusion',
-           'neighbourhood_mask', 'local_mass', 'plot_attention_maps']
+           'neighbourhood_mask', 'local_mass', 'plot_attention_maps', 'matmul_rate']
 
 # %% ../nbs/10_inline.ipynb #6310eac5
 def row_distance(name: str, q: Tensor, q2: Tensor, k: Tensor) -> Tensor:
@@ -407,3 +408,16 @@ def plot_attention_maps(models: dict[str, nn.Module], x: Tensor, block: int = 0,
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"Attention of one patch query (red cross) over the {side}×{side} patch grid", y=1.03)
     return fig
+
+# %% ../nbs/10_inline.ipynb #cfl00r01
+def matmul_rate(size: int = 512, batch: int = 6, repeats: int = 5) -> float:
+    "FLOP/s that one batched square matmul (batch × size³ multiply-adds) reaches here: the median of `repeats` timed runs."
+    if size < 1 or batch < 1 or repeats < 1:
+        raise ValueError(f"size, batch and repeats must be positive, got {size}, {batch}, {repeats}")
+    a, b = torch.randn(2, batch, size, size, generator=torch.Generator().manual_seed(0)).unbind(0)
+    torch.bmm(a, b)                                       # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); torch.bmm(a, b); times.append(time.perf_counter() - t0)
+    return 2 * batch * size ** 3 / sorted(times)[len(times) // 2]
+

@@ -209,3 +209,22 @@ def test_local_mass_ignores_empty_rows():
     k = torch.randn(1, 1, 1 + 16, 4).abs()
     val = local_mass("linear", q, k)
     assert 0.0 < val <= 1.0
+
+
+def test_compute_floor_counts_inlines_two_products():
+    # the compute floor of the speed section charges 2 FLOPs per multiply-add of the two products kᵀv and q·(kv):
+    # PyTorch's FLOP counter on the fused form finds exactly those multiply-adds (bmm + baddbmm), H · 2·N·d·e
+    from paperlab.attention import attention_macs, inline_attention
+    from paperlab.core import count_flops
+    q, k, v = torch.randn(3, 1, 6, 196, 32).unbind(0)
+    counted = count_flops(inline_attention, q.contiguous(), k, v)
+    assert counted.total == 6 * attention_macs("inline", 196, 32)
+    assert set(counted.by_op) == {"bmm", "baddbmm"}
+
+
+def test_matmul_rate_is_positive_and_refuses_bad_sizes():
+    from paperlab.inline import matmul_rate
+    assert matmul_rate(size=32, batch=2, repeats=3) > 0
+    for bad in (dict(size=0), dict(batch=0), dict(repeats=0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            matmul_rate(**bad)
