@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import math
-import time
 from collections import namedtuple
 from typing import Callable, Sequence
 
@@ -23,15 +22,15 @@ from .core import repo_root, seed_everything
 
 # %% auto #0
 __all__ = ['DARTS_PRIMITIVES', 'NB201_PRIMITIVES', 'PARAMETER_FREE', 'Genotype', 'DARTS_V2', 'CRITERIA', 'LossFn', 'BENCH_NODES',
-           'BENCH_CONFIG', 'Zero', 'ReLUConvBN', 'DilConv', 'SepConv', 'FactorizedReduce', 'Pool', 'darts_op',
-           'nb201_op', 'MixedOp', 'darts_mixed_op', 'nb201_edge_names', 'NB201SearchCell', 'DartsSearchCell',
-           'ResNetBasicblock', 'Supernet', 'NB201SearchNetwork', 'DartsSearchNetwork', 'darts_genotype',
-           'nb201_genotype', 'nb201_str', 'nb201_from_str', 'check_darts_genotype', 'NB201InferCell', 'NB201Network',
-           'drop_path', 'DartsEvalCell', 'AuxiliaryHeadCIFAR', 'DartsNetwork', 'count_darts_params', 'official_name',
-           'load_official_state', 'first_order_arch_grad', 'second_order_arch_grad', 'exact_unrolled_arch_grad',
-           'batches', 'search', 'supernet_loss', 'magnitude_scores', 'strength_scores', 'removal_scores',
-           'projected_weights', 'darts_pt_scores', 'criterion_scores', 'bench_archs', 'arch_index', 'train_fixed',
-           'make_benchmark', 'load_benchmark']
+           'BENCH_CONFIG', 'PARAMETER_FREE_NB201', 'Zero', 'ReLUConvBN', 'DilConv', 'SepConv', 'FactorizedReduce',
+           'Pool', 'darts_op', 'nb201_op', 'MixedOp', 'darts_mixed_op', 'nb201_edge_names', 'NB201SearchCell',
+           'DartsSearchCell', 'ResNetBasicblock', 'Supernet', 'NB201SearchNetwork', 'DartsSearchNetwork',
+           'darts_genotype', 'nb201_genotype', 'nb201_str', 'nb201_from_str', 'check_darts_genotype', 'NB201InferCell',
+           'NB201Network', 'drop_path', 'DartsEvalCell', 'AuxiliaryHeadCIFAR', 'DartsNetwork', 'count_darts_params',
+           'official_name', 'load_official_state', 'first_order_arch_grad', 'second_order_arch_grad',
+           'exact_unrolled_arch_grad', 'batches', 'search', 'supernet_loss', 'magnitude_scores', 'strength_scores',
+           'removal_scores', 'projected_weights', 'darts_pt_scores', 'criterion_scores', 'bench_archs', 'arch_index',
+           'train_fixed', 'make_benchmark', 'load_benchmark', 'param_free_share', 'search_split', 'search_trial']
 
 # %% ../nbs/21_ostr_darts.ipynb #4d3b98fc
 DARTS_PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -836,3 +835,48 @@ def make_benchmark(config: dict = BENCH_CONFIG, progress: bool = True) -> dict:
 def load_benchmark(path=None) -> dict:
     "The stored benchmark (`data/ostr_darts/benchmark.json`): config, cell strings and test accuracies (125, seeds)."
     return json.loads((path or repo_root() / "data" / "ostr_darts" / "benchmark.json").read_text())
+
+# %% ../nbs/21_ostr_darts.ipynb #6c54c0b2
+PARAMETER_FREE_NB201 = ("none", "skip_connect", "avg_pool_3x3")
+
+
+def param_free_share(scores: Tensor, op_names: Sequence[str] = NB201_PRIMITIVES) -> float:
+    "Share of edges whose highest-scoring op is parameter-free (`none`, skip, pooling): the degeneration measure."
+    return float(np.mean([op_names[int(i)] in PARAMETER_FREE_NB201 for i in scores.argmax(1)]))
+
+
+def search_split(seed: int, size: int = 8, split_seed: int = 0):
+    "The digits training split halved at random by `seed`: (θ half, α half) as TensorDatasets."
+    from torch.utils.data import TensorDataset
+    from paperlab.data import digits
+    x, y = digits(size, "train", seed=split_seed).tensors
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(10_000 + seed))
+    h = len(y) // 2
+    return TensorDataset(x[idx[:h]], y[idx[:h]]), TensorDataset(x[idx[h:]], y[idx[h:]])
+
+
+def search_trial(seed: int, checkpoints: Sequence[int], order: int = 1, C: int = 8, N: int = 1, val_size: int = 256,
+                 pt_tune_epochs: int = 1, criteria: Sequence[str] = CRITERIA, progress: bool = False) -> dict:
+    "One DARTS search on digits with the benchmark's supernet; per checkpoint epoch: α, β, strength, removal and the cell (bench index) of each criterion."
+    checkpoints = sorted(set(checkpoints))
+    if not checkpoints or checkpoints[0] < 1: raise ValueError(f"checkpoints must be positive epochs, got {checkpoints!r}")
+    seed_everything(seed)
+    tr, va = search_split(seed)
+    net = NB201SearchNetwork(C=C, N=N, max_nodes=BENCH_NODES, num_classes=10, in_channels=tr.tensors[0].shape[1])
+    val = [(va.tensors[0][:val_size], va.tensors[1][:val_size])]
+    out = {"seed": seed, "checkpoints": {}}
+
+    def record(model, epoch):
+        if epoch not in checkpoints: return
+        model.train()   # batch statistics, as the search and DARTS-PT's `infer(..., eval=False)` use
+        rec = {"alpha": model.alphas.detach().tolist(), "beta": model.arch_weights()[0].detach().tolist(),
+               "strength": strength_scores(model, val)[0].tolist(), "removal": removal_scores(model, val)[0].tolist()}
+        scores = {"magnitude": model.alphas.detach(), "strength": torch.tensor(rec["strength"]), "removal": torch.tensor(rec["removal"])}
+        if "darts-pt" in criteria and epoch == checkpoints[-1]:
+            scores["darts-pt"] = darts_pt_scores(model, tr, va, pt_tune_epochs, seed=seed)[0]
+        rec["arch"] = {k: arch_index(model.genotype([s])) for k, s in scores.items() if k in criteria}
+        rec["param_free_share"] = {k: param_free_share(s) for k, s in scores.items() if k in criteria}
+        out["checkpoints"][epoch] = rec
+
+    search(net, tr, va, checkpoints[-1], order=order, seed=seed, on_epoch=record, progress=progress)
+    return out

@@ -1,0 +1,204 @@
+"""OStr-DARTS chapter: golden outputs of the official DARTS / NB201 code, official parameter counts, the selection criteria against finite differences and closed forms, genotype rules, bad inputs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from paperlab.core import repo_root
+from paperlab.ostr_darts import (CRITERIA, DARTS_V2, NB201_PRIMITIVES, DartsNetwork, DartsSearchCell, DartsSearchNetwork, MixedOp,
+                                 NB201Network, NB201SearchCell, NB201SearchNetwork, Supernet, arch_index, bench_archs,
+                                 check_darts_genotype, count_darts_params, criterion_scores, darts_genotype, darts_mixed_op,
+                                 darts_op, exact_unrolled_arch_grad, first_order_arch_grad, load_benchmark, load_official_state,
+                                 nb201_from_str, nb201_op, nb201_str, official_name, removal_scores, search, search_trial,
+                                 second_order_arch_grad, strength_scores, supernet_loss)
+
+DATA = repo_root() / "data" / "ostr_darts"
+G = DATA / "golden"
+OFFICIAL = json.loads((DATA / "official_counts.json").read_text())["counts"]
+
+
+def st(z, prefix):
+    return {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
+
+
+def _golden_cases():
+    "(name, module factory, state, forward, reference) for every golden output."
+    z1, z2, z3 = np.load(G / "darts_mixedop.npz"), np.load(G / "darts_cell.npz"), np.load(G / "nb201_search_cell.npz")
+    z4, z5 = np.load(G / "nb201_supernet.npz"), np.load(G / "darts_supernet.npz")
+    t = torch.from_numpy
+    cases = [(f"mixed{s}", lambda s=s: darts_mixed_op(4, s), st(z1, f"mixed{s}.state."),
+              lambda m, s=s: m(t(z1[f"mixed{s}.x"]), t(z1[f"mixed{s}.w"])), z1[f"mixed{s}.y"]) for s in (1, 2)]
+    for name, red, rp in (("normal", False, False), ("reduce", True, False), ("after_reduce", False, True)):
+        cases.append((f"cell-{name}", lambda red=red, rp=rp: DartsSearchCell(4, 4, 6, 5, 4, red, rp), st(z2, f"{name}.state."),
+                      lambda m, name=name: m(t(z2[f"{name}.s0"]), t(z2[f"{name}.s1"]), t(z2[f"{name}.w"])), z2[f"{name}.y"]))
+    cases.append(("nb201-cell", lambda: NB201SearchCell(4, 4, 1, 4), st(z3, "state."), lambda m: m(t(z3["x"]), t(z3["w"])), z3["y"]))
+    cases.append(("nb201-supernet", lambda: NB201SearchNetwork(4, 1, 4, 10), st(z4, "nb201.state."), lambda m: m(t(z4["nb201.x"])),
+                  z4["nb201.logits"]))
+    cases.append(("darts-supernet", lambda: DartsSearchNetwork(4, 10, 3),
+                  {**st(z5, "darts.state."), "alphas_normal": z5["darts.alphas_normal"], "alphas_reduce": z5["darts.alphas_reduce"]},
+                  lambda m: m(t(z5["darts.x"])), z5["darts.logits"]))
+    return cases
+
+
+@pytest.mark.parametrize("case", _golden_cases(), ids=lambda c: c[0])
+def test_golden_official_outputs(case):
+    # official quark0/darts f276dd3 and AutoDL-Projects f46486e, float64, train-mode BN (data/ostr_darts/golden/README.md)
+    _, make, state, fwd, ref = case
+    with torch.no_grad():
+        m = load_official_state(make().double().train(), state)
+        assert np.abs(fwd(m).numpy() - ref).max() < 1e-12
+        # sensitivity: one weight moved by 1e-3 and the outputs no longer agree
+        m2 = load_official_state(make().double().train(), state)
+        next(p for p in m2.parameters() if p.numel() > 1).view(-1)[0] += 1e-3
+        assert np.abs(fwd(m2).numpy() - ref).max() > 1e-6
+
+
+def test_name_map_and_official_genotype():
+    assert official_name("_ops.3._ops.4.op.1.weight") == "edges.3.ops.4.op.1.weight"
+    assert official_name("cells.0.edges.2<-1.3.op.1.bias") == "cells.0.edges.2<-1.ops.3.op.1.bias"
+    assert official_name("preprocess0.conv_1.weight") == "preprocess0.convs.0.weight"
+    assert official_name("arch_parameters") == "alphas"
+    z = np.load(G / "darts_supernet.npz")
+    m = load_official_state(DartsSearchNetwork(4, 10, 3).double(), {**st(z, "darts.state."), "alphas_normal": z["darts.alphas_normal"],
+                                                                    "alphas_reduce": z["darts.alphas_reduce"]})
+    assert json.loads(json.dumps(m.genotype()._asdict())) == json.loads(str(z["darts.genotype"]))
+    with pytest.raises(ValueError, match="no paperlab counterpart"):
+        load_official_state(NB201SearchCell(4, 4, 1, 4), {"bogus.weight": np.zeros(1)})
+
+
+def test_parameter_counts_match_official_code():
+    assert sum(p.numel() for p in NB201SearchNetwork(16, 5).weight_parameters()) == OFFICIAL["nb201_search_supernet"]["weights"]
+    assert sum(p.numel() for p in NB201SearchNetwork(16, 5).arch_parameters()) == OFFICIAL["nb201_search_supernet"]["arch"]
+    assert sum(p.numel() for p in DartsSearchNetwork().weight_parameters()) == OFFICIAL["darts_search_supernet"]["weights"]
+    ev = DartsNetwork(DARTS_V2)
+    assert count_darts_params(ev) == OFFICIAL["darts_eval_cifar10"]["without_auxiliary"]
+    assert sum(p.numel() for p in ev.parameters()) == OFFICIAL["darts_eval_cifar10"]["total"]
+    assert count_darts_params(ev) == pytest.approx(3.3e6, rel=0.02)   # DARTS paper, Table 1: 3.3M
+    best = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|"
+    assert sum(p.numel() for p in NB201Network(best).parameters()) == OFFICIAL["nb201_network_best_cell"]["total"]
+
+
+def _tiny():
+    torch.manual_seed(0)
+    net = NB201SearchNetwork(C=4, N=1, max_nodes=3, num_classes=10, in_channels=1).double()
+    with torch.no_grad(): net.alphas.normal_()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
+    return net.eval(), data
+
+
+def test_none_has_zero_strength_and_removal():
+    net, data = _tiny()
+    assert strength_scores(net, data)[0][:, 0].abs().max() == 0
+    assert removal_scores(net, data)[0][:, 0].abs().max() == 0
+
+
+def test_strength_is_minus_beta_times_finite_difference():
+    net, data = _tiny()
+    S = strength_scores(net, data)[0]
+    beta = net.arch_weights()[0].detach()
+    for e, o in [(0, 1), (1, 2), (2, 3), (1, 4)]:
+        bp, bm = beta.clone(), beta.clone(); bp[e, o] += 1e-6; bm[e, o] -= 1e-6
+        fd = (supernet_loss(net, data, [bp])[0] - supernet_loss(net, data, [bm])[0]) / 2e-6
+        assert -beta[e, o] * fd == pytest.approx(float(S[e, o]), abs=1e-8)
+
+
+def test_masking_a_zero_op_leaves_the_loss():
+    net, data = _tiny()
+    b = net.arch_weights()[0].detach().clone(); b[2, 3] = 0.0
+    b2 = b.clone(); b2[2, 3] = 0.0; b2[1, 0] = 0.0   # mask it again, and mask `none`
+    assert supernet_loss(net, data, [b]) == supernet_loss(net, data, [b2])
+
+
+class _Edge(Supernet):
+    def __init__(self, ops, names):
+        super().__init__(); self.edge = MixedOp(ops, names)
+        self.alphas = nn.Parameter(torch.randn(1, len(ops), dtype=torch.float64))
+
+    def forward(self, x, weights=None):
+        return self.edge(x, (self.arch_weights() if weights is None else weights)[0][0]).flatten(1)
+
+
+def test_linear_loss_strength_equals_exact_removal():
+    torch.manual_seed(3)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    m = _Edge([nb201_op(o, 4, 4, 1) for o in NB201_PRIMITIVES], NB201_PRIMITIVES).double().eval()
+    c = torch.randn(144, dtype=torch.float64)
+    loss = lambda out, y: (out @ c).mean()   # linear in the mixed output
+    np.testing.assert_allclose(strength_scores(m, [(x, None)], loss)[0], removal_scores(m, [(x, None)], loss_fn=loss)[0], atol=1e-12)
+
+
+def test_identical_ops_strength_selection_is_magnitude_selection():
+    torch.manual_seed(4)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    conv = nb201_op("nor_conv_3x3", 4, 4, 1).double().eval()
+    m = _Edge([conv] * 5, [f"c{k}" for k in range(5)]).double().eval()
+    y = torch.randint(0, 144, (3,))
+    S = strength_scores(m, [(x, y)])[0][0]
+    ratio = S / m.arch_weights()[0][0].detach()
+    np.testing.assert_allclose(ratio, ratio[0].expand(5), rtol=1e-10)    # S_o = β_o · (one factor for all o)
+    if ratio[0] > 0: assert int(S.argmax()) == int(m.alphas.argmax())
+
+
+def test_second_order_gradient_is_the_exact_hypergradient():
+    net, data = _tiny()
+    net.train()
+    (xa, ya), (xb, yb) = data
+    exact = exact_unrolled_arch_grad(net, xa, ya, xb, yb, eta=0.05)[0]
+    approx = second_order_arch_grad(net, xa, ya, xb, yb, 0.05, None, 0.0, 0.0, r=1e-6)[0]
+    assert float((approx - exact).norm() / exact.norm()) < 1e-8
+    np.testing.assert_allclose(second_order_arch_grad(net, xa, ya, xb, yb, 0.0, None, 0.0, 0.0)[0],
+                               first_order_arch_grad(net, xb, yb)[0], atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_darts_genotype_rules(seed):
+    g = torch.Generator().manual_seed(seed)
+    geno = darts_genotype(torch.randn(14, 8, generator=g), torch.randn(14, 8, generator=g))
+    check_darts_genotype(geno)                            # two inputs per node, from earlier states, never `none`
+    for cell in (geno.normal, geno.reduce):
+        for i in range(4): assert cell[2 * i][1] != cell[2 * i + 1][1]
+    # `none` scoring highest everywhere is still never chosen
+    s = torch.zeros(14, 8); s[:, 0] = 10.0; s[:, 5] = 1.0
+    assert {op for op, _ in darts_genotype(s, s).normal} == {"sep_conv_5x5"}
+
+
+def test_nb201_genotypes_and_bench_index():
+    archs = bench_archs()
+    assert len(archs) == 125 and len(set(archs)) == 125
+    assert [arch_index(a) for a in archs] == list(range(125))
+    assert all(nb201_from_str(nb201_str(a)) == a for a in archs)
+    net = NB201SearchNetwork(C=4, N=1, max_nodes=3, in_channels=1)
+    s = torch.zeros(3, 5); s[0, 3] = s[1, 1] = s[2, 0] = 1
+    assert nb201_str(net.genotype([s])) == "|nor_conv_3x3~0|+|skip_connect~0|none~1|"
+
+
+def test_stored_benchmark():
+    b = load_benchmark()
+    acc = np.array(b["test_acc"])
+    assert b["archs"] == [nb201_str(a) for a in bench_archs()]
+    assert acc.shape == (125, len(b["config"]["seeds"])) and (acc >= 0).all() and (acc <= 1).all()
+    # a cell whose output node is cut off from the input predicts one class: at most the largest class share (~10%)
+    assert acc[arch_index(nb201_from_str("|none~0|+|none~0|none~1|"))].max() < 0.15
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: darts_op("conv_9x9", 4, 1), lambda: nb201_op("sep_conv_3x3", 4, 4, 1), lambda: nb201_op("nor_conv_3x3", 4, 4, 3),
+    lambda: NB201SearchCell(4, 4, 1, max_nodes=1), lambda: NB201SearchNetwork(C=0), lambda: NB201SearchNetwork(N=0),
+    lambda: NB201SearchNetwork(op_names=("none", "conv_9x9")), lambda: DartsSearchCell(0, 4, 8, 8, 4, False, False),
+    lambda: DartsSearchCell(4, 7, 8, 8, 4, False, False), lambda: darts_op("skip_connect", 5, 2), lambda: DartsNetwork(layers=2),
+    lambda: darts_genotype(torch.zeros(10, 8), torch.zeros(14, 8)), lambda: nb201_from_str("|nor_conv_3x3~1|"),
+    lambda: darts_mixed_op(4, 1)(torch.zeros(1, 4, 4, 4), torch.ones(3)),
+    lambda: NB201SearchCell(4, 4, 1, 3)(torch.zeros(1, 4, 4, 4), torch.ones(2, 5)),
+    lambda: criterion_scores("random", NB201SearchNetwork(4, 1, 3)), lambda: criterion_scores("strength", NB201SearchNetwork(4, 1, 3)),
+    lambda: search(NB201SearchNetwork(4, 1, 3), None, None, 1, order=3), lambda: search_trial(0, []),
+])
+def test_bad_inputs_raise_value_error(bad):
+    with pytest.raises(ValueError):
+        bad()
+
+
+def test_criteria_names():
+    assert CRITERIA == ("magnitude", "strength", "removal", "darts-pt")
