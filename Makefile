@@ -60,15 +60,16 @@ verify: install kernel
 	$(MAKE) --no-print-directory browser
 
 # rerun each executed quick-mode notebook of $(QUICK) and compare it with the stored run, output by output; times, paths
-# and addresses go through tests/nbval_sanitize.cfg. Reruns write into a scratch folder, never over the stored runs.
+# and addresses go through tests/nbval_sanitize.cfg; outputs an ipywidgets Output widget captures stay in the widget
+# (tests/nbval_widgets.py, as in JupyterLab). Reruns write into a scratch folder, never over the stored runs.
 NBVAL_NBS = $(filter-out $(QUICK)/_docs/%,$(wildcard $(QUICK)/*/*.ipynb))
 nbval: kernel
 	@test -n "$(NBVAL_NBS)" || { echo "no executed notebooks in $(QUICK)/: run make verify (or paperlab --results $(QUICK) reproduce --all --mode quick)"; exit 1; }
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  OMP_NUM_THREADS=1 PAPERLAB_MODE=quick PAPERLAB_RESULTS="$$tmp" PAPERLAB_LEDGERS="$(abspath $(QUICK))" \
-	  MPLBACKEND=module://matplotlib_inline.backend_inline \
-	  $(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-	    $(NBVAL_NBS)
+	  MPLBACKEND=module://matplotlib_inline.backend_inline PYTHONPATH="$(abspath tests)" \
+	  $(PY) -m pytest -q -p no:cacheprovider -p nbval_widgets --rootdir "$(abspath $(QUICK))" \
+	    --nbval --nbval-current-env --nbval-sanitize-with "$(abspath tests/nbval_sanitize.cfg)" $(NBVAL_NBS)
 
 # the docs site of $(QUICK)/_docs and JupyterLab in headless Chromium
 browser: install

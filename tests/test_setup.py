@@ -93,3 +93,33 @@ def test_make_has_lab_and_verify_and_ci_runs_both():
         assert f"\n{target}" in make, target
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.index("\nmake test\n") < ci.index("\nmake verify\n") and "apt-get install -y -q chromium" in ci
+
+
+NBVAL_CELLS = ["import torch\ntorch.manual_seed(0)\nprint(torch.randn(3).sum().item())",
+               "import time\nt0 = time.time(); print(f'took {time.time() - t0:.4f} s at {hex(id(t0))} in {__import__(\"tempfile\").mkdtemp()}')",
+               "import ipywidgets as w, matplotlib.pyplot as plt\n"
+               "w.interactive(lambda k: plt.show(plt.plot(range(k))), k=w.IntSlider(2, 1, 5))"]
+
+
+def nbval(nb_path: Path) -> subprocess.CompletedProcess:
+    "`make nbval`'s pytest command on one executed notebook."
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "nbval_widgets",
+                           "--rootdir", str(nb_path.parent), "--nbval", "--nbval-current-env",
+                           "--nbval-sanitize-with", str(ROOT / "tests" / "nbval_sanitize.cfg"), str(nb_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_nbval_rerun_passes_on_a_rerun_and_fails_on_a_changed_result(tmp_path):
+    "A seeded result, a time, an address, a temp path and a widget rerun equal; a changed number does not."
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in NBVAL_CELLS])
+    NotebookClient(nb, kernel_name="python3").execute()  # as `paperlab reproduce` runs a chapter
+    nbformat.write(nb, tmp_path / "ok.ipynb")
+    r = nbval(tmp_path / "ok.ipynb")
+    assert r.returncode == 0, r.stdout[-3000:]
+    nb.cells[0].outputs[0]["text"] = nb.cells[0].outputs[0]["text"].replace(".", ".9", 1)  # the seeded value changes
+    nbformat.write(nb, tmp_path / "changed.ipynb")
+    r = nbval(tmp_path / "changed.ipynb")
+    assert r.returncode == 1 and "changed.ipynb::Cell 0" in r.stdout and "1 failed, 2 passed" in r.stdout, r.stdout[-3000:]
