@@ -190,3 +190,34 @@ def test_both_softmax_steps_are_row_stochastic_and_compose_to_the_implied_matrix
     e_qm = torch.exp(q @ m.transpose(-2, -1) / 8 ** 0.5); e_mk = torch.exp(m @ k.transpose(-2, -1) / 8 ** 0.5)
     naive = (e_qm / e_qm.sum(-1, keepdim=True)) @ (e_mk / e_mk.sum(-1, keepdim=True))
     torch.testing.assert_close(mediator_attention_weights(q, k, m), naive)
+
+
+def test_token_mixing_equals_the_implied_matrix_with_pooled_mediators():
+    from paperlab.attention import mediator_attention_weights
+    from paperlab.mediators import mediator_token_mixing
+    q, k, v = torch.randn(3, 2, 3, 64, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64).unbind(0)
+    # mediators by hand: the mean of the queries of each 4×4 cell of the 8×8 grid (M = 4)
+    grid = q.reshape(2, 3, 8, 8, 8)
+    m = torch.stack([grid[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].mean((2, 3)) for i in range(2) for j in range(2)], 2)
+    torch.testing.assert_close(mediator_token_mixing(q, k, v, 4), mediator_attention_weights(q, k, m) @ v, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="square token grid"):
+        mediator_token_mixing(q[:, :, :60], k[:, :, :60], v[:, :, :60], 4)
+    with pytest.raises(ValueError, match="perfect square"):
+        mediator_token_mixing(q, k, v, 8)
+
+
+def test_experiment_helpers_reject_bad_settings():
+    from paperlab.mediators import attention_along_sampling, run_jobs, toy_mediator_dit
+    with pytest.raises(ValueError, match="workers"):
+        run_jobs([], workers=0)
+    with pytest.raises(ValueError, match="sampler must be"):
+        attention_along_sampling(toy_mediator_dit(None, depth=1), torch.arange(2), steps=3, sampler="heun")
+
+
+def test_attention_along_sampling_records_every_sde_step():
+    from paperlab.mediators import attention_along_sampling, toy_mediator_dit
+    torch.manual_seed(0)
+    model = toy_mediator_dit(4, depth=2).eval()
+    traj = attention_along_sampling(model, torch.arange(2), steps=5)
+    assert len(traj) == 5 and len(traj[0]) == 2                 # 4 stochastic steps + the final mean step; 2 blocks
+    torch.testing.assert_close(traj[0][0].sum(-1), torch.ones(2, 4, 64))
