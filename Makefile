@@ -17,7 +17,7 @@ QUICK ?= _build/quick
 # pytest exits with 5 when it collected no tests: say so instead of failing
 PYTEST_OK_IF_EMPTY := rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
-.PHONY: book test lint install export clean-nbs readme docs reproduce-quick clean lab kernel verify nbval browser
+.PHONY: book test lint install export clean-nbs readme docs reproduce-quick clean lab kernel verify quick-runs nbval browser
 
 $(STAMP): settings.ini setup.py
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -52,24 +52,36 @@ LAB_ARGS ?=
 lab: kernel
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter lab --ServerApp.root_dir=nbs $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
-# every chapter in quick mode into $(QUICK), then nbval reruns them, then the site and the browser tests
+# every chapter in quick mode into $(QUICK), then nbval reruns them, then the site and the browser tests. Chapters run
+# on one thread each, $(JOBS) at a time (each is its own `paperlab reproduce`), the index last (it reads their ledgers).
+JOBS ?= 2
 verify: install kernel
-	OMP_NUM_THREADS=1 $(BIN)/paperlab --results $(QUICK) reproduce --all --mode quick
+	$(MAKE) --no-print-directory quick-runs
 	$(MAKE) --no-print-directory nbval
 	PAPERLAB_RESULTS=$(QUICK) $(BIN)/paperlab docs build --out $(QUICK)/_docs
 	$(MAKE) --no-print-directory browser
 
+quick-runs: install kernel
+	@mkdir -p $(QUICK) && rm -f $(QUICK)/*.failed.ipynb
+	$(PY) -c "from paperlab.cli import chapters; print('\n'.join(c for c in chapters() if c != 'index'))" | \
+	  OMP_NUM_THREADS=1 xargs -P $(JOBS) -I{} $(BIN)/paperlab --results $(QUICK) reproduce {} --mode quick
+	OMP_NUM_THREADS=1 $(BIN)/paperlab --results $(QUICK) reproduce index --mode quick
+
 # rerun each executed quick-mode notebook of $(QUICK) and compare it with the stored run, output by output; times, paths
 # and addresses go through tests/nbval_sanitize.cfg; outputs an ipywidgets Output widget captures stay in the widget
 # (tests/nbval_widgets.py, as in JupyterLab). Reruns write into a scratch folder, never over the stored runs.
+# One pytest per notebook, $(JOBS) at a time; each notebook's report goes to $(QUICK)/nbval/ and is printed if it fails.
 NBVAL_NBS = $(filter-out $(QUICK)/_docs/%,$(wildcard $(QUICK)/*/*.ipynb))
+NBVAL_ENV = OMP_NUM_THREADS=1 PAPERLAB_MODE=quick PAPERLAB_LEDGERS="$(abspath $(QUICK))" \
+  MPLBACKEND=module://matplotlib_inline.backend_inline PYTHONPATH="$(abspath tests)"
+NBVAL_PYTEST = $(abspath $(PY)) -m pytest -q -p no:cacheprovider -p nbval_widgets --rootdir "$(abspath $(QUICK))" \
+  --nbval --nbval-current-env --nbval-sanitize-with "$(abspath tests/nbval_sanitize.cfg)"
 nbval: kernel
-	@test -n "$(NBVAL_NBS)" || { echo "no executed notebooks in $(QUICK)/: run make verify (or paperlab --results $(QUICK) reproduce --all --mode quick)"; exit 1; }
-	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	  OMP_NUM_THREADS=1 PAPERLAB_MODE=quick PAPERLAB_RESULTS="$$tmp" PAPERLAB_LEDGERS="$(abspath $(QUICK))" \
-	  MPLBACKEND=module://matplotlib_inline.backend_inline PYTHONPATH="$(abspath tests)" \
-	  $(PY) -m pytest -q -p no:cacheprovider -p nbval_widgets --rootdir "$(abspath $(QUICK))" \
-	    --nbval --nbval-current-env --nbval-sanitize-with "$(abspath tests/nbval_sanitize.cfg)" $(NBVAL_NBS)
+	@test -n "$(NBVAL_NBS)" || { echo "no executed notebooks in $(QUICK)/: run make verify (or make quick-runs)"; exit 1; }
+	@rm -rf $(QUICK)/nbval && mkdir -p $(QUICK)/nbval && tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  printf '%s\n' $(NBVAL_NBS) | $(NBVAL_ENV) PAPERLAB_RESULTS="$$tmp" xargs -P $(JOBS) -I{} sh -c \
+	    'log=$(abspath $(QUICK))/nbval/$$(basename {} .ipynb).log; if $(NBVAL_PYTEST) {} > $$log 2>&1; \
+	     then echo "nbval: $$(tail -n 1 $$log) in {}"; else cat $$log; echo "nbval: FAILED {}"; exit 1; fi'
 
 # the docs site of $(QUICK)/_docs and JupyterLab in headless Chromium
 browser: install
