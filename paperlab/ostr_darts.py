@@ -774,7 +774,7 @@ def criterion_scores(name: str, model: Supernet, train_ds=None, val_ds=None, bat
     if train_ds is None: raise ValueError("darts-pt fine-tunes between decisions and needs training data")
     return darts_pt_scores(model, train_ds, val_ds, tune_epochs, seed=seed, batch_size=batch_size)
 
-# %% ../nbs/21_ostr_darts.ipynb #f66e9c92
+# %% ../nbs/21_ostr_darts.ipynb #5ef23c32
 BENCH_NODES = 3   # 3 nodes, 3 edges, 5 ops: 5³ = 125 cells, every one trainable on a CPU
 
 
@@ -836,7 +836,7 @@ def load_benchmark(path=None) -> dict:
     "The stored benchmark (`data/ostr_darts/benchmark.json`): config, cell strings and test accuracies (125, seeds)."
     return json.loads((path or repo_root() / "data" / "ostr_darts" / "benchmark.json").read_text())
 
-# %% ../nbs/21_ostr_darts.ipynb #6c54c0b2
+# %% ../nbs/21_ostr_darts.ipynb #3d493cc3
 PARAMETER_FREE_NB201 = ("none", "skip_connect", "avg_pool_3x3")
 
 
@@ -856,7 +856,7 @@ def search_split(seed: int, size: int = 8, split_seed: int = 0):
 
 
 def search_trial(seed: int, checkpoints: Sequence[int], order: int = 1, C: int = 8, N: int = 1, val_size: int = 256,
-                 pt_tune_epochs: int = 1, criteria: Sequence[str] = CRITERIA, progress: bool = False) -> dict:
+                 pt_tune_epochs: int = 1, criteria: Sequence[str] = CRITERIA, progress: bool = False, a_lr: float = 3e-4) -> dict:
     "One DARTS search on digits with the benchmark's supernet; per checkpoint epoch: α, β, strength, removal and the cell (bench index) of each criterion."
     checkpoints = sorted(set(checkpoints))
     if not checkpoints or checkpoints[0] < 1: raise ValueError(f"checkpoints must be positive epochs, got {checkpoints!r}")
@@ -873,10 +873,10 @@ def search_trial(seed: int, checkpoints: Sequence[int], order: int = 1, C: int =
                "strength": strength_scores(model, val)[0].tolist(), "removal": removal_scores(model, val)[0].tolist()}
         scores = {"magnitude": model.alphas.detach(), "strength": torch.tensor(rec["strength"]), "removal": torch.tensor(rec["removal"])}
         if "darts-pt" in criteria and epoch == checkpoints[-1]:
-            scores["darts-pt"] = darts_pt_scores(model, tr, va, pt_tune_epochs, seed=seed)[0]
+            scores["darts-pt"] = darts_pt_scores(model, tr, va, pt_tune_epochs, seed=seed, a_lr=a_lr)[0]
         rec["arch"] = {k: arch_index(model.genotype([s])) for k, s in scores.items() if k in criteria}
         rec["param_free_share"] = {k: param_free_share(s) for k, s in scores.items() if k in criteria}
         out["checkpoints"][epoch] = rec
 
-    search(net, tr, va, checkpoints[-1], order=order, seed=seed, on_epoch=record, progress=progress)
+    search(net, tr, va, checkpoints[-1], order=order, seed=seed, on_epoch=record, progress=progress, a_lr=a_lr)
     return out

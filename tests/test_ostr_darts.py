@@ -202,3 +202,15 @@ def test_bad_inputs_raise_value_error(bad):
 
 def test_criteria_names():
     assert CRITERIA == ("magnitude", "strength", "removal", "darts-pt")
+
+
+def test_strength_is_scaled_magnitude_minus_alpha_gradient():
+    # S_o = −ḡ·β_o − ∂L/∂α_o with ḡ = Σ_k β_k ∂L/∂β_k (softmax chain rule), per edge
+    net, data = _tiny()
+    S = strength_scores(net, data)[0]
+    beta = net.arch_weights()[0].detach().requires_grad_()
+    n = sum(len(y) for _, y in data)
+    gb = torch.autograd.grad(sum(torch.nn.functional.cross_entropy(net(x, [beta]), y) * len(y) for x, y in data) / n, beta)[0]
+    a = net.alphas.detach().clone().requires_grad_()
+    ga = torch.autograd.grad(sum(torch.nn.functional.cross_entropy(net(x, [a.softmax(-1)]), y) * len(y) for x, y in data) / n, a)[0]
+    np.testing.assert_allclose(S, -(beta.detach() * gb).sum(1, keepdim=True) * beta.detach() - ga, atol=1e-12)
