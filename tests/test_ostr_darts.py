@@ -214,3 +214,27 @@ def test_strength_is_scaled_magnitude_minus_alpha_gradient():
     a = net.alphas.detach().clone().requires_grad_()
     ga = torch.autograd.grad(sum(torch.nn.functional.cross_entropy(net(x, [a.softmax(-1)]), y) * len(y) for x, y in data) / n, a)[0]
     np.testing.assert_allclose(S, -(beta.detach() * gb).sum(1, keepdim=True) * beta.detach() - ga, atol=1e-12)
+
+
+def test_darts_pt_without_tuning_is_argmax_of_accuracy_drop_on_one_edge():
+    # one edge (2-node cell): DARTS-PT's single decision is the op whose removal lowers validation accuracy most (first on ties)
+    from torch.utils.data import TensorDataset
+    torch.manual_seed(5)
+    net = NB201SearchNetwork(C=4, N=1, max_nodes=2, num_classes=10, in_channels=1).train()
+    with torch.no_grad(): net.alphas.normal_()
+    g = torch.Generator().manual_seed(2)
+    ds = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))
+    pt = criterion_scores("darts-pt", net, ds, ds, tune_epochs=0)[0]
+    drop = removal_scores(net, [ds.tensors], metric="acc")[0]
+    assert pt.sum() == 1 and int(pt.argmax()) == int(drop.argmax())
+
+
+def test_search_trial_records_what_each_criterion_selects():
+    r = search_trial(0, [1], criteria=("magnitude", "strength", "removal"), C=4)
+    rec = r["checkpoints"][1]
+    for name in ("alpha", "strength", "removal"):
+        key = {"alpha": "magnitude"}.get(name, name)
+        geno = tuple(tuple((NB201_PRIMITIVES[int(torch.tensor(rec[name])[e].argmax())], j) for j, e in js)
+                     for js in ([(0, 0)], [(0, 1), (1, 2)]))     # edges 1<-0, 2<-0, 2<-1
+        assert rec["arch"][key] == arch_index(geno)
+    assert np.allclose(np.array(rec["beta"]), torch.tensor(rec["alpha"]).softmax(-1).numpy())
