@@ -111,7 +111,7 @@ class DyDiTBlock(DiTBlock):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, token_hidden_ratio: int = 16,
                  router_bias: float = 15.0, token_bias: float = 35.0, tau: float = 5.0, mask_before_act: bool = True):
         super().__init__(dim, num_heads, mlp_ratio)
-        self.num_heads, self.head_dim, self.tau = num_heads, dim // num_heads, tau
+        self.num_heads, self.head_dim, self.tau = self.attn.num_heads, self.attn.head_dim, tau   # checked by QKVAttention
         self.group_size = self.mlp.fc1.out_features // num_heads
         self.mask_before_act = mask_before_act
         self.head_router = nn.Linear(dim, num_heads - 1)
@@ -142,7 +142,7 @@ class DyDiTBlock(DiTBlock):
 
     def attn_masked(self, u: Tensor, heads: Tensor | None = None) -> Tensor:
         "Attention with head outputs multiplied by the head mask (B, H) before the projection: (B, N, C) -> (B, N, C)."
-        o = softmax_attention(*split_heads(self.attn.qkv(u), self.num_heads))      # (B, H, N, d)
+        o = softmax_attention(*self.attn.heads(u))                                 # (B, H, N, d)
         if heads is not None:
             o = o * heads[:, :, None, None]
         return self.attn.proj(merge_heads(o))
