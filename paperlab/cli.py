@@ -76,12 +76,12 @@ def _signal_kernel(client, sig: int) -> None:
     except (ProcessLookupError, PermissionError): pass
 
 
-def _execute_interruptibly(client, interrupted: threading.Event) -> None:
+def _execute_interruptibly(client, interrupted: threading.Event, **kernel_kw) -> None:
     "Run `client.execute()` in a worker thread; Ctrl-C in the main thread interrupts the kernel, a second one kills it."
     error: list[BaseException] = []
 
     def work():
-        try: client.execute()
+        try: client.execute(**kernel_kw)
         except BaseException as e: error.append(e)
 
     def on_sigint(signum, frame):
@@ -127,7 +127,9 @@ def run_chapter(name: str, nb_path: Path, mode: str | None = None, results: Path
     try:
         os.environ.update(env)
         t0 = time.time()
-        _execute_interruptibly(client, interrupted)
+        # the kernel's own stderr (start-up warnings) goes to a log in the staging folder, not into the caller's output
+        with open(stage_root / "kernel.log", "w") as kernel_log:
+            _execute_interruptibly(client, interrupted, stderr=kernel_log)
         nb.metadata["paperlab"] = {"mode": mode, "seconds": round(time.time() - t0, 1), "chapter": name}
         out = stage / nb_path.name
         atomic_write(out, nbformat.writes(nb))

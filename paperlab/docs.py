@@ -100,16 +100,21 @@ def api_objects(module: str) -> list[tuple[str, object]]:
     return out
 
 
-def source_line(obj: object) -> int:
-    "The line of the module where `obj`'s definition starts."
-    return inspect.getsourcelines(inspect.unwrap(obj))[1]
+def source_line(obj: object, module_text: str = "", name: str = "") -> int:
+    "The line of the module where `obj`'s definition starts (for objects inspect cannot place, e.g. a namedtuple: the line assigning `name`)."
+    try:
+        return inspect.getsourcelines(inspect.unwrap(obj))[1]
+    except (OSError, TypeError):
+        m = re.search(rf"^{re.escape(name)}\s*[:=]", module_text, re.M) if name else None
+        return module_text.count("\n", 0, m.start()) + 1 if m else 1
 
 
 def api_entry(name: str, obj: object, module: str, prefix: str = "") -> str:
     "One `show_doc` entry in Markdown, its source link pointing at the site's own highlighted source."
     from nbdev.showdoc import show_doc
     # raw HTML: a Markdown link to a local .html file would become a Sphinx download and lose its anchor
-    link = f'<a class="api-source" href="{prefix}_static/source/{module}.py.html#L-{source_line(obj)}">source</a>'
+    text = Path(importlib.import_module(f"paperlab.{module}").__file__).read_text(encoding="utf-8")
+    link = f'<a class="api-source" href="{prefix}_static/source/{module}.py.html#L-{source_line(obj, text, name)}">source</a>'
     try:
         entry = show_doc(obj, name=name, title_level=3)._repr_markdown_()
     except NameError:  # an annotation names a type imported only where it is used: show the signature unevaluated
@@ -209,6 +214,8 @@ html_title = {title!r}
 html_theme_options = {{"home_page_in_toc": True, "show_toc_level": 2, "use_download_button": True}}
 html_static_path = ["_static"]
 html_css_files = {css!r}
+html_context = {{"default_mode": "light"}}  # the theme's mode switch otherwise logs "invalid theme mode" in the console
+{favicon}
 '''
 
 
@@ -272,7 +279,10 @@ def stage_site(dest: str | os.PathLike, nbs: str | os.PathLike | None = None,
         css = sorted(p.relative_to(static).as_posix() for p in static.rglob("*.css"))
     (dest / "conf.py").write_text(_CONF_PY.format(
         title=settings.get("title", "paperlab"), author=settings.get("author", ""),
-        copyright=settings.get("copyright", ""), css=css), encoding="utf-8")
+        copyright=settings.get("copyright", ""), css=css,
+        # browsers ask for /favicon.ico (a 404 in the console) when a page names no icon
+        favicon='html_favicon = "_static/favicon.svg"' if (dest / "_static" / "favicon.svg").exists() else ""),
+        encoding="utf-8")
     return ["index", *chapters, "efficiency"]
 
 # %% ../nbs/05_docs.ipynb #ceed9b95

@@ -278,6 +278,10 @@ class Ledger:
 
     def _repr_markdown_(self) -> str: return self.to_markdown()
 
+    def __repr__(self) -> str:
+        "A short text form (the table is the Markdown form); no values, so reruns compare on the table alone."
+        return f"<Ledger {self.chapter!r}: {len(self)} claims>"
+
     def counts(self) -> dict[str, int]:
         "How many claims got each verdict (the 'not testable' ones pooled)."
         out: dict[str, int] = {}
