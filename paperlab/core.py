@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 # %% auto #0
 __all__ = ['MODES', 'get_mode', 'by_mode', 'seed_everything', 'machine_info', 'deterministic', 'repo_root', 'results_dir',
            'atomic_write', 'save_figure', 'count_params', 'FlopCount', 'count_flops', 'median_interval',
-           'SpeedComparison', 'compare_speed', 'speed_table', 'peak_memory']
+           'SpeedComparison', 'compare_speed', 'speed_table', 'timed', 'timed_frame', 'peak_memory']
 
 # %% ../nbs/00_core.ipynb #b797037b
 MODES = ("quick", "full")
@@ -237,6 +237,22 @@ def speed_table(comparisons: dict[str, SpeedComparison]):
         raise ValueError(f"these runs used different thread counts and are not comparable: {threads}")
     return pd.DataFrame([{"name": n, "ratio": c.ratio, "lo": c.interval[0], "hi": c.interval[1],
                           "repeats": len(c.ratios), "threads": c.threads} for n, c in comparisons.items()]).set_index("name")
+
+# %% ../nbs/00_core.ipynb #352c6e5c
+def timed(x: float, fmt: str = ".3g") -> str:
+    "A wall-clock number as the book prints it: behind a stopwatch mark (`⏱ 12.3`)."
+    return f"⏱ {x:{fmt}}"
+
+
+def timed_frame(df, columns: Sequence[str]):
+    "A copy of DataFrame `df` whose wall-clock `columns` print as fixed-width `⏱ 1.234e+01` strings."
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"no columns {missing} in the table (has {list(df.columns)})")
+    out = df.copy()
+    for c in columns:
+        out[c] = [timed(float(v), ".3e") for v in df[c]]
+    return out
 
 # %% ../nbs/00_core.ipynb #6a7b82da
 class _StorageTracker(TorchDispatchMode):

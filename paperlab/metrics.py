@@ -5,6 +5,7 @@
 # %% ../nbs/08_metrics.ipynb #ba947ea7
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from typing import Callable
 
@@ -58,13 +59,20 @@ def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     return float((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean())
 
 
+def _kid_metric(feature: nn.Module, subsets: int, subset_size: int) -> KernelInceptionDistance:
+    "torchmetrics' KID on `feature`; its warning that it keeps every feature in memory is moot at the book's sizes."
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        return KernelInceptionDistance(feature=feature, subsets=subsets, subset_size=subset_size)
+
+
 def kid(f1: Tensor | np.ndarray, f2: Tensor | np.ndarray, subset_size: int = 100, subsets: int = 20, seed: int = 0) -> float:
     "Kernel Inception Distance (torchmetrics: unbiased MMD², cubic kernel) between features (N, D) and (M, D), mean over seeded subsets."
     f1, f2 = _as_features(f1, f2)
     m = min(subset_size, len(f1), len(f2))
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
-    metric = KernelInceptionDistance(feature=FeatureExtractor(nn.Identity(), f1.shape[1]), subsets=subsets, subset_size=m)
+    metric = _kid_metric(FeatureExtractor(nn.Identity(), f1.shape[1]), subsets, m)
     metric.update(f1, real=False); metric.update(f2, real=True)
     with torch.random.fork_rng():   # the library draws its subsets from torch's global generator
         torch.manual_seed(seed)
@@ -118,8 +126,8 @@ def sample_quality(samples: Tensor, labels: Tensor, reference: Tensor, seed: int
     fr = net.features(reference)
     rms = fr.pow(2).mean().sqrt()   # the cubic kernel assumes features of unit scale (as Inception's are)
     fid = FrechetInceptionDistance(feature=FeatureExtractor(net.features, 64))
-    kid_metric = KernelInceptionDistance(feature=FeatureExtractor(lambda x: net.features(x) / rms, 64), subsets=kid_subsets,
-                                         subset_size=min(kid_subset_size, len(samples), len(reference)))
+    kid_metric = _kid_metric(FeatureExtractor(lambda x: net.features(x) / rms, 64), kid_subsets,
+                             min(kid_subset_size, len(samples), len(reference)))
     for metric in (fid, kid_metric):
         metric.update(samples, real=False); metric.update(reference, real=True)
     with torch.random.fork_rng():
