@@ -75,7 +75,7 @@ NBVAL_NBS = $(filter-out $(QUICK)/_docs/%,$(wildcard $(QUICK)/*/*.ipynb))
 NBVAL_ENV = OMP_NUM_THREADS=1 PAPERLAB_MODE=quick PAPERLAB_LEDGERS="$(abspath $(QUICK))" \
   MPLBACKEND=module://matplotlib_inline.backend_inline PYTHONPATH="$(abspath tests)"
 NBVAL_PYTEST = $(abspath $(PY)) -m pytest -q -p no:cacheprovider -p nbval_widgets --rootdir "$(abspath $(QUICK))" \
-  --nbval --nbval-current-env --nbval-sanitize-with "$(abspath tests/nbval_sanitize.cfg)"
+  --nbval --nbval-current-env --nbval-cell-timeout 600 --nbval-sanitize-with "$(abspath tests/nbval_sanitize.cfg)"
 nbval: kernel
 	@test -n "$(NBVAL_NBS)" || { echo "no executed notebooks in $(QUICK)/: run make verify (or make quick-runs)"; exit 1; }
 	@rm -rf $(QUICK)/nbval && mkdir -p $(QUICK)/nbval && tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import nbformat
 from tqdm.auto import tqdm
@@ -24,7 +24,8 @@ from .docs import chapter_name
 from .ledger import all_ledgers, ledgers_markdown
 
 # %% auto #0
-__all__ = ['nbs_dir', 'chapters', 'resolve_chapters', 'ChapterInterrupted', 'run_chapter', 'parser', 'main']
+__all__ = ['WIDGET_CELL_TIMEOUT', 'nbs_dir', 'chapters', 'resolve_chapters', 'ChapterInterrupted', 'run_chapter', 'parser',
+           'main']
 
 # %% ../nbs/06_cli.ipynb #d21c3953
 def nbs_dir() -> Path:
@@ -51,6 +52,17 @@ def resolve_chapters(names: Sequence[str], nbs: Path | None = None) -> dict[str,
 # %% ../nbs/06_cli.ipynb #64f658c0
 class ChapterInterrupted(KeyboardInterrupt):
     "The user interrupted a chapter run (Ctrl-C); its earlier results were kept."
+
+
+WIDGET_CELL_TIMEOUT = 300  # seconds: nbclient can wait forever on a cell that opens widgets (jupyter/nbclient#312)
+
+
+def _cell_timeout(timeout: int | None) -> "Callable":
+    "Per-cell timeout for nbclient: `timeout` for every cell, but at most WIDGET_CELL_TIMEOUT for a cell that builds widgets."
+    def for_cell(cell) -> int | None:
+        if "widgets" in cell.source: return min(timeout or WIDGET_CELL_TIMEOUT, WIDGET_CELL_TIMEOUT)
+        return timeout
+    return for_cell
 
 
 def _swap_in(staged: Path, target: Path) -> None:
@@ -121,7 +133,7 @@ def run_chapter(name: str, nb_path: Path, mode: str | None = None, results: Path
     def on_cell_start(**kw):
         if interrupted.is_set(): raise ChapterInterrupted(name)   # interrupted between two cells
 
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+    client = NotebookClient(nb, timeout=timeout, timeout_func=_cell_timeout(timeout), kernel_name="python3",
                             resources={"metadata": {"path": str(nb_path.parent)}}, on_cell_start=on_cell_start,
                             on_cell_executed=lambda **kw: bar.update(1) if kw["cell"].cell_type == "code" else None)
     try:
@@ -167,6 +179,7 @@ def _list(args) -> int:
 
 def _reproduce(args) -> int:
     "Execute the chosen chapters; non-zero exit if any fails, 130 when interrupted."
+    from nbclient.exceptions import CellTimeoutError
     if not args.all and not args.chapters:
         raise ValueError("name chapters to reproduce, or pass --all")
     todo = chapters(args.nbs) if args.all else resolve_chapters(args.chapters, args.nbs)
@@ -174,7 +187,11 @@ def _reproduce(args) -> int:
     for name, path in todo.items():
         t0 = time.time()
         try:
-            out = run_chapter(name, path, mode=args.mode, results=args.results, timeout=args.timeout)
+            try:
+                out = run_chapter(name, path, mode=args.mode, results=args.results, timeout=args.timeout)
+            except CellTimeoutError:   # a widget cell that hung nbclient (jupyter/nbclient#312): one more try, then give up
+                print(f"{name}: a cell timed out; running the chapter once more", file=sys.stderr)
+                out = run_chapter(name, path, mode=args.mode, results=args.results, timeout=args.timeout)
             print(f"{name}: ok -> {out}")
         except KeyboardInterrupt:
             print(f"{name}: interrupted; the kernel was shut down and the earlier results of {name} were kept", file=sys.stderr)
