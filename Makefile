@@ -64,8 +64,8 @@ verify: install kernel
 quick-runs: install kernel
 	@mkdir -p $(QUICK) && rm -f $(QUICK)/*.failed.ipynb
 	$(PY) -c "from paperlab.cli import chapters; print('\n'.join(c for c in chapters() if c != 'index'))" | \
-	  OMP_NUM_THREADS=1 xargs -P $(JOBS) -I{} $(BIN)/paperlab --results $(QUICK) reproduce {} --mode quick
-	OMP_NUM_THREADS=1 $(BIN)/paperlab --results $(QUICK) reproduce index --mode quick
+	  OMP_NUM_THREADS=1 xargs -P $(JOBS) -I{} $(BIN)/paperlab --results $(abspath $(QUICK)) reproduce {} --mode quick
+	OMP_NUM_THREADS=1 $(BIN)/paperlab --results $(abspath $(QUICK)) reproduce index --mode quick
 
 # rerun each executed quick-mode notebook of $(QUICK) and compare it with the stored run, output by output; times, paths
 # and addresses go through tests/nbval_sanitize.cfg; outputs an ipywidgets Output widget captures stay in the widget
