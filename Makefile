@@ -12,6 +12,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.paperlab-installed
 # torch and torchvision go in first, as the pinned pair named in settings.ini (the one place versions are pinned)
 TORCH_PINS := $(shell sed -n 's/^torch_pins *= *//p' settings.ini)
+# mamba-ssm: built from source after torch, without build isolation and without its CUDA kernels (see settings.ini)
+MAMBA_BUILD := $(shell sed -n 's/^mamba_build *= *//p' settings.ini)
+MAMBA_PINS := $(shell sed -n 's/^mamba_pins *= *//p' settings.ini)
 # where `make verify` keeps its quick-mode runs and their docs site (never results/, which holds the book's full runs)
 QUICK ?= _build/quick
 # pytest exits with 5 when it collected no tests: say so instead of failing
@@ -24,6 +27,8 @@ $(STAMP): settings.ini setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q $(MAMBA_BUILD)
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PY) -m pip install -q --no-build-isolation $(MAMBA_PINS)
 	@touch $@
 
 install: $(STAMP)

@@ -23,6 +23,16 @@ def test_environment_yml_has_the_same_pins_as_settings_ini():
     assert "python=" + settings()["min_python"] in (ROOT / "environment.yml").read_text()
 
 
+def test_mamba_ssm_is_installed_by_the_makefile_and_documented_for_conda():
+    s = settings()
+    pins, build = s["mamba_pins"].split(), s["mamba_build"].split()
+    assert pins == ["mamba-ssm==2.3.2.post1"] and all("==" in p for p in build)
+    make = (ROOT / "Makefile").read_text()
+    assert "--no-build-isolation $(MAMBA_PINS)" in make and "MAMBA_SKIP_CUDA_BUILD=TRUE" in make
+    yml = (ROOT / "environment.yml").read_text()
+    assert f"--no-build-isolation {pins[0]}" in yml and " ".join(build) in yml
+
+
 def test_torch_pair_is_pinned_once_and_consistently():
     s = settings()
     assert set(s["torch_pins"].split()) <= set(s["requirements"].split())
