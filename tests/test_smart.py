@@ -1,0 +1,114 @@
+"Tests of the SMART chapter's module: PQ, the ensemble, the scenes, QPT, bad inputs, golden outputs of FC-CLIP."
+import numpy as np
+import pytest
+import torch
+
+from paperlab.core import repo_root
+from paperlab.smart import (CLASSES, IS_THING, THING_CLASSES, UNSEEN, ClassifierConfig, MaskClassifier, classification_logits,
+                            geometric_ensemble, make_scene, mask_attention_bias, mask_pooling, panoptic_inference,
+                            panoptic_quality, scenes, semantic_inference, text_classifier, tiny_clip, tokenize, train_classifier,
+                            train_scenes)
+
+
+def _segs(s):
+    return [(m, int(c)) for m, c in zip(s["masks"], s["labels"])]
+
+
+def test_pq_hand_made():
+    s = scenes(1, seed=3)[0]
+    gs = _segs(s)
+    assert panoptic_quality([gs], [gs], len(CLASSES))["pq"] == 1.0          # perfect
+    miss = panoptic_quality([gs[1:]], [gs], len(CLASSES))                     # one miss
+    assert miss["per_class"][gs[0][1]] == 0.0
+    g = torch.zeros(4, 4, dtype=torch.bool); g[:2] = True
+    p = torch.zeros_like(g); p[0] = True
+    assert panoptic_quality([[(p, 0)]], [[(g, 0)]], 1)["pq"] == 0.0          # IoU exactly 0.5: no match
+    g[1, 3] = False
+    assert np.isclose(panoptic_quality([[(p, 0)]], [[(g, 0)]], 1)["pq"], 4 / 7)  # IoU 4/7 > 0.5
+    fp = torch.zeros(4, 4, dtype=torch.bool); fp[3, 3] = True                # one false positive of class 0: RQ 1/1.5
+    assert np.isclose(panoptic_quality([[(p, 0), (fp, 0)]], [[(g, 0)]], 1)["pq"], 4 / 7 / 1.5)
+
+
+def test_pq_matches_torchmetrics():
+    from torchmetrics.detection import PanopticQuality
+    rng = np.random.default_rng(1)
+    check = scenes(12, seed=9)
+    preds = []
+    for s in check:  # relabel some segments (every pixel stays assigned)
+        segs = [(m, int(rng.integers(len(THING_CLASSES))) if (IS_THING[c] and rng.random() < 0.3) else int(c)) for m, c in _segs(s)]
+        preds.append(segs)
+    def tm_map(segs):
+        t = torch.zeros(32, 32, 2, dtype=torch.int64)
+        for i, (m, c) in enumerate(segs): t[m, 0] = c; t[m, 1] = i + 1 if IS_THING[c] else 0
+        return t
+    tm = PanopticQuality(things=set(range(16)), stuffs=set(range(16, 19)))
+    tm.update(torch.stack([tm_map(p) for p in preds]), torch.stack([tm_map(_segs(s)) for s in check]))
+    ours = panoptic_quality(preds, [_segs(s) for s in check], len(CLASSES))["pq"]
+    assert abs(ours - float(tm.compute())) < 1e-6 and ours < 1
+
+
+def test_ensemble_limits():
+    g = torch.Generator().manual_seed(0)
+    lin, lout = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    seen = torch.tensor([1, 0, 1, 0, 1], dtype=torch.bool)
+    pv = lin.softmax(-1)[:, -1:]
+    assert torch.allclose(geometric_ensemble(lin, lout, seen, 0, 0).exp(), torch.cat([lin[:, :-1].softmax(-1) * (1 - pv), pv], -1), atol=1e-7)
+    assert torch.allclose(geometric_ensemble(lin, lout, seen, 1, 1).exp(), torch.cat([lout.softmax(-1) * (1 - pv), pv], -1), atol=1e-7)
+    with pytest.raises(ValueError, match="alpha"):
+        geometric_ensemble(lin, lout, seen, 1.5, 0.5)
+
+
+def test_golden_fcclip():
+    gold = {k: torch.from_numpy(v) for k, v in np.load(repo_root() / "data" / "smart" / "golden" / "fcclip_golden.npz").items()}
+    # FC-CLIP commit 2b0bbe2: get_classification_logits, MaskPooling, the ensemble of FCCLIP.forward, inference
+    assert (classification_logits(gold["cls_x"], gold["cls_text"], gold["cls_scale"], gold["cls_templates"].tolist()) - gold["cls_out"]).abs().max() < 1e-12
+    assert (mask_pooling(gold["pool_x"], gold["pool_mask"]) - gold["pool_out"]).abs().max() < 1e-12
+    assert (geometric_ensemble(gold["ens_in"], gold["ens_out"][..., :-1], gold["ens_seen"].bool()) - gold["ens_result"]).abs().max() < 1e-12
+    assert (semantic_inference(gold["pan_cls"], gold["pan_masks"]) - gold["sem_out"]).abs().max() < 1e-12
+    seg, info = panoptic_inference(gold["pan_cls"], gold["pan_masks"], torch.tensor([True] * 4 + [False] * 3))
+    assert torch.equal(seg, gold["pan_seg"]) and [s["category_id"] for s in info] == gold["pan_cat"].tolist()
+
+
+def test_scenes_masks_and_labels_agree():
+    for s in scenes(50, seed=4):
+        assert s["masks"].sum(0).eq(1).all()
+        for m, c in zip(s["masks"], s["labels"]):
+            assert m.any()
+            if IS_THING[c]:
+                pixels = s["image"][:, m]
+                assert (pixels == pixels[:, :1]).all()  # a thing is painted in one colour
+    assert not any(CLASSES[int(c)] in UNSEEN for s in train_scenes(50, seed=0) for c in s["labels"])
+
+
+def test_qpt_changes_only_query_rows():
+    torch.manual_seed(0)
+    clip = tiny_clip().eval()
+    clf = MaskClassifier(clip, ClassifierConfig("sma", "qpt"))
+    train_classifier(clf, clip, train_scenes(16, seed=0), steps=2, batch=4)
+    moved = 0
+    for (n, p), (_, p0) in zip(clf.visual.named_parameters(), clip.visual.named_parameters()):
+        if "in_proj" in n:
+            w = p.shape[0] // 3
+            assert torch.equal(p[w:], p0[w:]), n
+            moved += int(not torch.equal(p[:w], p0[:w]))
+        else:
+            assert torch.equal(p, p0), n
+    assert moved == 2 * len(clip.visual.transformer.resblocks)  # weight rows and bias of every block
+    W, L = 64, 4
+    assert clf.trainable_params() == L * (W * W + W) + sum(p.numel() for p in clf.w_t.parameters())
+
+
+def test_bad_inputs():
+    clip = tiny_clip()
+    with pytest.raises(ValueError, match="repeats"):
+        text_classifier(clip, ["red circle", "red circle"])
+    with pytest.raises(ValueError, match="unknown"):
+        tokenize(["purple blob"])
+    with pytest.raises(ValueError, match="THING_CLASSES"):
+        make_scene(np.random.default_rng(0), classes=["purple blob"])
+    with pytest.raises(ValueError, match="empty"):
+        mask_attention_bias(torch.zeros(1, 1, 32, 32, dtype=torch.bool), 8)
+    with pytest.raises(ValueError, match="variant"):
+        ClassifierConfig("nope", "qpt")
+    with pytest.raises(ValueError, match="num_templates"):
+        classification_logits(torch.randn(1, 2, 4), torch.randn(3, 4), torch.tensor(1.0), [1, 1, 1])
