@@ -24,13 +24,17 @@ from .core import repo_root, seed_everything
 __all__ = ['DARTS_PRIMITIVES', 'NB201_PRIMITIVES', 'PARAMETER_FREE', 'Genotype', 'DARTS_V2', 'CRITERIA', 'LossFn', 'BENCH_NODES',
            'BENCH_CONFIG', 'PARAMETER_FREE_NB201', 'Zero', 'ReLUConvBN', 'DilConv', 'SepConv', 'FactorizedReduce',
            'Pool', 'darts_op', 'nb201_op', 'MixedOp', 'darts_mixed_op', 'nb201_edge_names', 'NB201SearchCell',
-           'DartsSearchCell', 'ResNetBasicblock', 'Supernet', 'NB201SearchNetwork', 'DartsSearchNetwork',
-           'darts_genotype', 'nb201_genotype', 'nb201_str', 'nb201_from_str', 'check_darts_genotype', 'NB201InferCell',
-           'NB201Network', 'drop_path', 'DartsEvalCell', 'AuxiliaryHeadCIFAR', 'DartsNetwork', 'count_darts_params',
-           'official_name', 'load_official_state', 'first_order_arch_grad', 'second_order_arch_grad',
-           'exact_unrolled_arch_grad', 'batches', 'search', 'supernet_loss', 'magnitude_scores', 'strength_scores',
-           'removal_scores', 'projected_weights', 'darts_pt_scores', 'criterion_scores', 'bench_archs', 'arch_index',
-           'train_fixed', 'make_benchmark', 'load_benchmark', 'param_free_share', 'search_split', 'search_trial']
+           'DartsSearchCell', 'ResNetBasicblock', 'Supernet', 'NB201SearchNetwork', 'darts_stem_and_cells',
+           'DartsSearchNetwork', 'darts_genotype', 'nb201_genotype', 'nb201_str', 'nb201_from_str',
+           'check_darts_genotype', 'NB201InferCell', 'NB201Network', 'drop_path', 'DartsEvalCell', 'AuxiliaryHeadCIFAR',
+           'DartsNetwork', 'count_darts_params', 'official_name', 'load_official_state', 'first_order_arch_grad',
+           'second_order_arch_grad', 'exact_unrolled_arch_grad', 'batches', 'search', 'supernet_loss',
+           'magnitude_scores', 'strength_scores', 'removal_scores', 'projected_weights', 'darts_node_edges',
+           'project_edge', 'darts_pt_project', 'darts_pt_scores', 'darts_space_genotype', 'criterion_scores',
+           'bench_archs', 'arch_index', 'fit_fixed', 'train_fixed', 'GroupedReLUConvBN', 'GroupedResBlock',
+           'GroupedInferCell', 'GroupedNB201Network', 'fit_grouped', 'train_grouped', 'make_benchmark',
+           'load_benchmark', 'param_free_share', 'search_split', 'search_trial', 'genotype_param_free_share',
+           'darts_space_trial']
 
 # %% ../nbs/21_ostr_darts.ipynb #4d3b98fc
 DARTS_PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -332,26 +336,36 @@ class NB201SearchNetwork(Supernet):
         return nb201_genotype((scores or self.arch_parameters())[0], self.max_nodes, self.op_names)
 
 
+def darts_stem_and_cells(C: int, layers: int, stem_multiplier: int, in_channels: int,
+                         make_cell: Callable[[int, int, int, bool, bool], nn.Module]) -> tuple[nn.Sequential, nn.ModuleList, list[int]]:
+    "DARTS' macro skeleton: a 3×3 stem of `stem_multiplier·C` channels, then `layers` cells `make_cell(C_pp, C_p, C_cell, reduction, reduction_prev)`, channels doubled at the reductions (1/3, 2/3 of the depth), a cell's output `cell.multiplier·C_cell`; returns (stem, cells, output channels after each cell)."
+    if not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"layers must be a positive int, got {layers!r}")
+    C_curr = stem_multiplier * C
+    stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+    C_pp, C_p, C_curr = C_curr, C_curr, C
+    cells, red_prev, c_out = nn.ModuleList(), False, []
+    for i in range(layers):
+        red = i in (layers // 3, 2 * layers // 3)
+        if red: C_curr *= 2
+        cells.append(make_cell(C_pp, C_p, C_curr, red, red_prev))
+        red_prev, (C_pp, C_p) = red, (C_p, cells[-1].multiplier * C_curr)
+        c_out.append(C_p)
+    return stem, cells, c_out
+
+
 class DartsSearchNetwork(Supernet):
     "The DARTS CNN search supernet (`quark0/darts` `model_search.Network`): stem, `layers` cells (reductions at 1/3, 2/3), α for normal and reduction cells."
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3,
                  in_channels: int = 3, primitives: Sequence[str] = DARTS_PRIMITIVES):
         super().__init__()
-        if not isinstance(layers, int) or layers < 1:
-            raise ValueError(f"layers must be a positive int, got {layers!r}")
         for o in primitives: darts_op(o, 2, 1)
         self.steps, self.multiplier, self.primitives = steps, multiplier, tuple(primitives)
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
-        C_pp, C_p, C_curr = C_curr, C_curr, C
-        self.cells, red_prev = nn.ModuleList(), False
-        for i in range(layers):
-            red = i in (layers // 3, 2 * layers // 3)
-            if red: C_curr *= 2
-            self.cells.append(DartsSearchCell(steps, multiplier, C_pp, C_p, C_curr, red, red_prev, primitives))
-            red_prev, (C_pp, C_p) = red, (C_p, multiplier * C_curr)
+        self.stem, self.cells, c_out = darts_stem_and_cells(
+            C, layers, stem_multiplier, in_channels,
+            lambda C_pp, C_p, C_cell, red, red_prev: DartsSearchCell(steps, multiplier, C_pp, C_p, C_cell, red, red_prev, primitives))
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_p, num_classes)
+        self.classifier = nn.Linear(c_out[-1], num_classes)
         k = sum(2 + i for i in range(steps))
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(k, len(primitives)))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(k, len(primitives)))
@@ -543,20 +557,12 @@ class DartsNetwork(nn.Module):
         if not isinstance(layers, int) or layers < 3:
             raise ValueError(f"layers must be an int >= 3 (the auxiliary head sits after the second reduction), got {layers!r}")
         self.layers, self.auxiliary, self.drop_path_prob = layers, auxiliary, drop_path_prob
-        C_curr = 3 * C
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
-        C_pp, C_p, C_curr = C_curr, C_curr, C
-        self.cells, red_prev = nn.ModuleList(), False
-        for i in range(layers):
-            red = i in (layers // 3, 2 * layers // 3)
-            if red: C_curr *= 2
-            cell = DartsEvalCell(genotype, C_pp, C_p, C_curr, red, red_prev)
-            self.cells.append(cell)
-            red_prev, (C_pp, C_p) = red, (C_p, cell.multiplier * C_curr)
-            if i == 2 * layers // 3: C_aux = C_p
-        if auxiliary: self.auxiliary_head = AuxiliaryHeadCIFAR(C_aux, num_classes)
+        self.stem, self.cells, c_out = darts_stem_and_cells(
+            C, layers, 3, in_channels,
+            lambda C_pp, C_p, C_cell, red, red_prev: DartsEvalCell(genotype, C_pp, C_p, C_cell, red, red_prev))
+        if auxiliary: self.auxiliary_head = AuxiliaryHeadCIFAR(c_out[2 * layers // 3], num_classes)
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_p, num_classes)
+        self.classifier = nn.Linear(c_out[-1], num_classes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         aux, s0 = None, self.stem(x)
@@ -715,8 +721,9 @@ def strength_scores(model: Supernet, data: Sequence[tuple[Tensor, Tensor]], loss
 
 
 def removal_scores(model: Supernet, data: Sequence[tuple[Tensor, Tensor]], metric: str = "loss",
-                   loss_fn: LossFn = F.cross_entropy, weights: Sequence[Tensor] | None = None) -> list[Tensor]:
-    "Exact removal effect per op: β_o set to 0 without renormalising; loss increase (`metric='loss'`) or accuracy drop (`'acc'`), (E, O) per matrix."
+                   loss_fn: LossFn = F.cross_entropy, weights: Sequence[Tensor] | None = None,
+                   edges: Sequence[tuple[int, int]] | None = None) -> list[Tensor]:
+    "Exact removal effect per op: β_o set to 0 without renormalising; loss increase (`metric='loss'`) or accuracy drop (`'acc'`), (E, O) per matrix; only the edges (m, e) in `edges` if given (the others 0)."
     if metric not in ("loss", "acc"): raise ValueError(f"metric must be 'loss' or 'acc', got {metric!r}")
     base_w = [w.detach() for w in (weights if weights is not None else model.arch_weights())]
     k = 0 if metric == "loss" else 1
@@ -725,6 +732,7 @@ def removal_scores(model: Supernet, data: Sequence[tuple[Tensor, Tensor]], metri
     for m, wm in enumerate(base_w):
         s = torch.zeros_like(wm)
         for e in range(wm.shape[0]):
+            if edges is not None and (m, e) not in edges: continue
             for o in range(wm.shape[1]):
                 w = [x.clone() for x in base_w]
                 w[m][e, o] = 0.0
@@ -734,32 +742,95 @@ def removal_scores(model: Supernet, data: Sequence[tuple[Tensor, Tensor]], metri
     return out
 
 
-def projected_weights(model: Supernet, proj: dict[tuple[int, int], int]) -> list[Tensor]:
-    "β = softmax α with each projected edge (matrix m, edge e) → op o replaced by a one-hot row (DARTS-PT's `get_projected_weights`)."
+def projected_weights(model: Supernet, proj: dict[tuple[int, int], int], dropped: Sequence[tuple[int, int]] = ()) -> list[Tensor]:
+    "β = softmax α with each projected edge (matrix m, edge e) → op o replaced by a one-hot row and each dropped edge (m, e) by zeros (DARTS-PT's `get_projected_weights`)."
     w = [x.clone() for x in model.arch_weights()]
     for (m, e), o in proj.items():
         w[m][e] = F.one_hot(torch.tensor(o), w[m].shape[1]).to(w[m].dtype)
+    for m, e in dropped: w[m][e] = 0.0
     return w
 
 
-def darts_pt_scores(model: Supernet, train_ds, val_ds, tune_epochs: int = 1, metric: str = "acc", seed: int = 0,
-                    batch_size: int = 64, w_lr: float = 0.0025, **search_kw) -> list[Tensor]:
-    "DARTS-PT (`pt_project`): edge by edge in random order, keep the op whose removal hurts most, project the edge, fine-tune `tune_epochs` between decisions; one-hot (E, O) per matrix."
+def darts_node_edges(steps: int = 4) -> dict[int, list[int]]:
+    "Edge ids of each DARTS node that has more than two inputs, keyed from 0 at the second node: DARTS-PT's `nid2eids` ({0: [2, 3, 4], 1: [5, ..., 8], 2: [9, ..., 13]} for 4 steps)."
+    if not isinstance(steps, int) or steps < 1: raise ValueError(f"steps must be a positive int, got {steps!r}")
+    starts = [sum(2 + k for k in range(i)) for i in range(steps)]
+    return {i - 1: list(range(starts[i], starts[i] + i + 2)) for i in range(1, steps)}
+
+
+def project_edge(model: Supernet, data: Sequence[tuple[Tensor, Tensor]], weights: Sequence[Tensor], m: int, eids: Sequence[int],
+                 metric: str = "acc") -> list[int]:
+    "DARTS-PT's `project_edge` for one node: while more than 2 edges remain, zero each remaining edge's row of `weights[m]` in turn (the others as given) and drop the edge whose removal hurts least (ties: the later edge); the 2 kept edge ids."
+    if metric not in ("loss", "acc"): raise ValueError(f"metric must be 'loss' or 'acc', got {metric!r}")
+    if len(eids) < 2: raise ValueError(f"a node keeps two input edges, it has only {list(eids)}")
+    k, eids = (0 if metric == "loss" else 1), list(eids)
+    while len(eids) > 2:
+        worst, todel = None, None
+        for e in eids:
+            w = [x.detach().clone() for x in weights]
+            w[m][e] = 0.0
+            crit = supernet_loss(model, data, w)[k]
+            # official `not compare(crit, crit_extrema)`: removing e hurts no more than removing the current candidate
+            if worst is None or (crit <= worst if metric == "loss" else crit >= worst): worst, todel = crit, e
+        eids.remove(todel)
+    return eids
+
+
+def darts_pt_project(model: Supernet, train_ds, val_ds, tune_epochs: int = 1, metric: str = "acc", seed: int = 0,
+                     batch_size: int = 64, w_lr: float = 0.0025, topology: bool = False, **search_kw) -> tuple[dict, list]:
+    "DARTS-PT (`pt_project`): edge by edge in random order, keep the op whose removal hurts most, project the edge, fine-tune `tune_epochs` between decisions; with `topology` (DARTS space) then node by node `project_edge`, also fine-tuned between; ({(m, e): op}, dropped [(m, e)])."
     import copy
+    if topology and not hasattr(model, "steps"): raise ValueError("topology projection needs a DARTS-space supernet (nodes with more than two inputs)")
     model = copy.deepcopy(model)
     rng = np.random.default_rng(seed)
     val = batches(val_ds, batch_size, shuffle=False)
-    remaining = [(m, e) for m, a in enumerate(model.arch_parameters()) for e in range(a.shape[0])]
     proj: dict[tuple[int, int], int] = {}
-    while remaining:
-        m, e = remaining.pop(int(rng.integers(len(remaining))))
-        scores = removal_scores(model, val, metric, weights=projected_weights(model, proj))
-        proj[(m, e)] = int(scores[m][e].argmax())
-        if remaining and tune_epochs > 0:
-            search(model, train_ds, val_ds, tune_epochs, order=1, batch_size=batch_size, w_lr=w_lr, w_lr_min=w_lr, seed=seed + len(proj),
-                   weights_fn=lambda mod: projected_weights(mod, proj), **search_kw)
-    return [F.one_hot(torch.tensor([proj[(m, e)] for e in range(a.shape[0])]), a.shape[1]).to(a.dtype)
-            for m, a in enumerate(model.arch_parameters())]
+    dropped: list[tuple[int, int]] = []
+    ops_left = [(m, e) for m, a in enumerate(model.arch_parameters()) for e in range(a.shape[0])]
+    nodes_left = [(m, nid) for m in range(len(model.arch_parameters())) for nid in darts_node_edges(model.steps)] if topology else []
+    while ops_left or nodes_left:
+        if ops_left:      # the official order: every op decision first, then the topology
+            m, e = ops_left.pop(int(rng.integers(len(ops_left))))
+            scores = removal_scores(model, val, metric, weights=projected_weights(model, proj), edges=[(m, e)])
+            proj[(m, e)] = int(scores[m][e].argmax())
+        else:
+            m, nid = nodes_left.pop(int(rng.integers(len(nodes_left))))
+            eids = darts_node_edges(model.steps)[nid]
+            kept = project_edge(model, val, projected_weights(model, proj, dropped), m, eids, metric)
+            dropped += [(m, e) for e in eids if e not in kept]
+        if (ops_left or nodes_left) and tune_epochs > 0:
+            search(model, train_ds, val_ds, tune_epochs, order=1, batch_size=batch_size, w_lr=w_lr, w_lr_min=w_lr,
+                   seed=seed + len(proj) + len(dropped), weights_fn=lambda mod: projected_weights(mod, proj, dropped), **search_kw)
+    return proj, dropped
+
+
+def darts_pt_scores(model: Supernet, train_ds, val_ds, tune_epochs: int = 1, metric: str = "acc", seed: int = 0,
+                    batch_size: int = 64, w_lr: float = 0.0025, topology: bool = False, **search_kw) -> list[Tensor]:
+    "DARTS-PT's decisions (`darts_pt_project`) as (E, O) matrices: one-hot rows, the edges dropped by the topology projection zero."
+    proj, dropped = darts_pt_project(model, train_ds, val_ds, tune_epochs, metric, seed, batch_size, w_lr, topology, **search_kw)
+    out = [F.one_hot(torch.tensor([proj[(m, e)] for e in range(a.shape[0])]), a.shape[1]).to(a.dtype)
+           for m, a in enumerate(model.arch_parameters())]
+    for m, e in dropped: out[m][e] = 0.0
+    return out
+
+
+def darts_space_genotype(model: DartsSearchNetwork, scores: Sequence[Tensor], topology: str = "top2",
+                         data: Sequence[tuple[Tensor, Tensor]] | None = None, metric: str = "acc") -> Genotype:
+    "A DARTS genotype from a criterion's scores: `top2` is DARTS' rule on the scores (inputs ranked by their best non-`none` score); `project` keeps each edge's best non-`none` op, makes the rows one-hot and picks each node's inputs by `project_edge` on `data`, node by node."
+    if topology not in ("top2", "project"): raise ValueError(f"topology must be 'top2' or 'project', got {topology!r}")
+    if topology == "top2": return model.genotype(scores)
+    if data is None: raise ValueError("the 'project' topology evaluates the supernet and needs validation data")
+    none = list(model.primitives).index("none")
+    proj = {}
+    for m, s in enumerate(scores):
+        s = s.detach().clone(); s[:, none] = -math.inf
+        proj.update({(m, e): int(s[e].argmax()) for e in range(s.shape[0])})
+    dropped = []
+    for m in range(len(scores)):
+        for nid, eids in darts_node_edges(model.steps).items():
+            kept = project_edge(model, data, projected_weights(model, proj, dropped), m, eids, metric)
+            dropped += [(m, e) for e in eids if e not in kept]
+    return model.genotype(projected_weights(model, proj, dropped))
 
 
 def criterion_scores(name: str, model: Supernet, train_ds=None, val_ds=None, batch_size: int = 64, seed: int = 0,
@@ -798,38 +869,172 @@ def arch_index(genotype: tuple, op_names: Sequence[str] = NB201_PRIMITIVES) -> i
     return code
 
 
-def train_fixed(genotype: tuple, train_ds, test_ds, epochs: int, seed: int, C: int = 8, N: int = 1, lr: float = 0.05,
-                batch_size: int = 64, weight_decay: float = 5e-4) -> float:
-    "Train the NB201 network of one cell from scratch (SGD, Nesterov, cosine) and return its test accuracy."
-    seed_everything(seed)
-    x0, _ = train_ds.tensors
-    net = NB201Network(genotype, C=C, N=N, num_classes=10, in_channels=x0.shape[1])
+def _fit_sgd_cosine(net: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], train_ds, epochs: int, seed: int, lr: float,
+                    batch_size: int, weight_decay: float, progress: bool = False) -> nn.Module:
+    "The benchmark's recipe: SGD (Nesterov 0.9, weight decay), LR cosine per step from `lr` to 0, batches shuffled by seed·1000 + epoch."
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     data = [batches(train_ds, batch_size, torch.Generator().manual_seed(seed * 1000 + ep)) for ep in range(epochs)]
-    total, step = sum(len(d) for d in data), 0
+    total = sum(len(d) for d in data)
     net.train()
-    for ep_batches in data:
-        for x, y in ep_batches:
-            for grp in opt.param_groups: grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); step += 1
-    net.eval()
+    for step, (x, y) in enumerate(tqdm([b for d in data for b in d], disable=not progress, desc="train", leave=False)):
+        for grp in opt.param_groups: grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        loss = loss_fn(x, y)
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    return net.eval()
+
+
+def fit_fixed(genotype: tuple, train_ds, epochs: int, seed: int, C: int = 8, N: int = 1, lr: float = 0.05, batch_size: int = 64,
+              weight_decay: float = 5e-4, dtype: torch.dtype = torch.float32) -> NB201Network:
+    "Train the NB201 network of one cell from scratch (initialised after `seed_everything(seed)`) with the benchmark's recipe; returns it in eval mode."
+    seed_everything(seed)
+    net = NB201Network(genotype, C=C, N=N, num_classes=10, in_channels=train_ds.tensors[0].shape[1]).to(dtype)
+    return _fit_sgd_cosine(net, lambda x, y: F.cross_entropy(net(x.to(dtype)), y), train_ds, epochs, seed, lr, batch_size, weight_decay)
+
+
+def train_fixed(genotype: tuple, train_ds, test_ds, epochs: int, seed: int, C: int = 8, N: int = 1, lr: float = 0.05,
+                batch_size: int = 64, weight_decay: float = 5e-4) -> float:
+    "Test accuracy of `fit_fixed`: one cell trained on its own (the slow reference of `train_grouped`)."
+    net = fit_fixed(genotype, train_ds, epochs, seed, C, N, lr, batch_size, weight_decay)
     xt, yt = test_ds.tensors
     with torch.no_grad(): return float((net(xt).argmax(1) == yt).double().mean())
+
+
+class GroupedReLUConvBN(nn.Module):
+    "n models' ReLU → k×k conv → BN at once: one grouped conv (groups = n), one BN over n·C_out channels; (B, n·C_in, H, W) -> (B, n·C_out, H/s, W/s)."
+    def __init__(self, n: int, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int):
+        super().__init__()
+        self.op = nn.Sequential(nn.ReLU(inplace=False), nn.Conv2d(n * C_in, n * C_out, kernel_size, stride, padding, groups=n, bias=False),
+                                nn.BatchNorm2d(n * C_out))
+
+    def forward(self, x: Tensor) -> Tensor: return self.op(x)
+
+
+class GroupedResBlock(nn.Module):
+    "NB201's stride-2 `ResNetBasicblock` of G models at once (grouped convs, same names); (B, G·C_in, H, W) -> (B, G·C_out, H/2, W/2)."
+    def __init__(self, G: int, inplanes: int, planes: int):
+        super().__init__()
+        self.conv_a = GroupedReLUConvBN(G, inplanes, planes, 3, 2, 1)
+        self.conv_b = GroupedReLUConvBN(G, planes, planes, 3, 1, 1)
+        self.downsample = nn.Sequential(nn.AvgPool2d(2, 2, 0), nn.Conv2d(G * inplanes, G * planes, 1, groups=G, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor: return self.downsample(x) + self.conv_b(self.conv_a(x))
+
+
+class GroupedInferCell(nn.Module):
+    "G fixed NB201 cells, one genotype each: every (edge, op) runs once, on the models that chose it (`none` is skipped); (B, G·C, H, W) -> (B, G·C, H, W)."
+    def __init__(self, genotypes: Sequence[tuple], C: int):
+        super().__init__()
+        self.G, self.C, self.max_nodes = len(genotypes), C, len(genotypes[0]) + 1
+        self.ops, self.slots = nn.ModuleDict(), {}
+        for i in range(1, self.max_nodes):
+            for j in range(i):
+                for op in sorted({g[i - 1][j][0] for g in genotypes} - {"none"}):
+                    idx = [k for k, g in enumerate(genotypes) if g[i - 1][j][0] == op]
+                    n, key = len(idx), f"{i}<-{j}:{op}"
+                    self.ops[key] = {"nor_conv_1x1": lambda: GroupedReLUConvBN(n, C, C, 1, 1, 0),
+                                     "nor_conv_3x3": lambda: GroupedReLUConvBN(n, C, C, 3, 1, 1),
+                                     "avg_pool_3x3": lambda: nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+                                     "skip_connect": lambda: nn.Identity()}[op]()
+                    self.slots[key] = (i, j, idx)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, _, H, W = x.shape
+        nodes = [x.view(B, self.G, self.C, H, W)]
+        for i in range(1, self.max_nodes):
+            s = x.new_zeros(B, self.G, self.C, H, W)
+            for key, (ii, j, idx) in self.slots.items():     # j ascending, as NB201InferCell sums its inputs
+                if ii != i: continue
+                ix = torch.tensor(idx)
+                y = self.ops[key](nodes[j].index_select(1, ix).reshape(B, -1, H, W))
+                s = s.index_add(1, ix, y.view(B, len(idx), self.C, H, W))
+            nodes.append(s)
+        return nodes[-1].reshape(B, -1, H, W)
+
+
+class GroupedNB201Network(nn.Module):
+    "G NB201 networks of fixed cells (AutoDL `TinyNetwork`, one genotype each) as one module, model g in channels g·C..(g+1)·C of every layer: x (B, G·C_in, H, W) -> logits (B, G, classes)."
+    def __init__(self, genotypes: Sequence[tuple | str], C: int = 16, N: int = 5, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.genotypes = [nb201_from_str(g) if isinstance(g, str) else g for g in genotypes]
+        if not self.genotypes: raise ValueError("a grouped network needs at least one genotype")
+        if len({len(g) for g in self.genotypes}) != 1: raise ValueError("every genotype of a group must have the same number of nodes")
+        G = self.G = len(self.genotypes)
+        channels, reductions = _nb201_layout(C, N)
+        self.stem = nn.Sequential(nn.Conv2d(G * in_channels, G * C, 3, padding=1, groups=G, bias=False), nn.BatchNorm2d(G * C))
+        self.cells, C_prev = nn.ModuleList(), C
+        for C_curr, red in zip(channels, reductions):
+            self.cells.append(GroupedResBlock(G, C_prev, C_curr) if red else GroupedInferCell(self.genotypes, C_curr))
+            C_prev = C_curr
+        self.lastact = nn.Sequential(nn.BatchNorm2d(G * C_prev), nn.ReLU(inplace=True))
+        self.classifier_weight = nn.Parameter(torch.zeros(G, num_classes, C_prev))
+        self.classifier_bias = nn.Parameter(torch.zeros(G, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        for cell in self.cells: h = cell(h)
+        h = self.lastact(h).mean((2, 3)).view(x.shape[0], self.G, -1)
+        return torch.einsum("bgc,gkc->bgk", h, self.classifier_weight) + self.classifier_bias
+
+    @torch.no_grad()
+    def load_networks(self, nets: Sequence[NB201Network]) -> "GroupedNB201Network":
+        "Copy the weights and BN statistics of G `NB201Network`s (in genotype order) into their slots."
+        if len(nets) != self.G: raise ValueError(f"expected {self.G} networks, got {len(nets)}")
+        ours = dict(self.named_parameters()) | dict(self.named_buffers())
+        for g, net in enumerate(nets):
+            for name, v in net.state_dict().items():
+                if name.endswith("num_batches_tracked"): continue    # BN momentum 0.1: the counter is never read
+                if name.startswith("classifier."):
+                    ours[f"classifier_{name.split('.')[1]}"][g] = v; continue
+                pos, target = g, name
+                m = re.match(r"cells\.(\d+)\.layers\.(\d+)\.(.*)", name)
+                if m:   # op l of cell k: find its edge i<-j, then model g's place among the models with that op there
+                    cell, l = self.cells[int(m[1])], int(m[2])
+                    i, j = next((i, j) for i, ix in enumerate(net.cells[int(m[1])].node_IX, start=1) for j, x in enumerate(ix) if x == l)
+                    key = f"{i}<-{j}:{self.genotypes[g][i - 1][j][0]}"
+                    pos, target = cell.slots[key][2].index(g), f"cells.{m[1]}.ops.{key}.{m[3]}"
+                d = v.shape[0]
+                ours[target][pos * d:(pos + 1) * d] = v
+        return self
+
+
+def fit_grouped(genotypes: Sequence[tuple], train_ds, epochs: int, seed: int, C: int = 8, N: int = 1, lr: float = 0.05,
+                batch_size: int = 64, weight_decay: float = 5e-4, dtype: torch.dtype = torch.float32, progress: bool = False) -> GroupedNB201Network:
+    "`fit_fixed` for G cells at once: each initialised as `fit_fixed(seed)` initialises it, all trained on the same batches by one SGD (elementwise, so per model the same); the sum of the G losses has each model's own gradient."
+    c_in = train_ds.tensors[0].shape[1]
+    nets = []
+    for g in genotypes:
+        seed_everything(seed); nets.append(NB201Network(g, C=C, N=N, num_classes=10, in_channels=c_in))
+    net = GroupedNB201Network(genotypes, C=C, N=N, num_classes=10, in_channels=c_in).load_networks(nets).to(dtype)
+    G = net.G
+
+    def loss_fn(x, y):
+        out = net(x.to(dtype).repeat(1, G, 1, 1))                      # (B, G, classes)
+        return F.cross_entropy(out.permute(0, 2, 1), y[:, None].expand(-1, G), reduction="none").mean(0).sum()
+    return _fit_sgd_cosine(net, loss_fn, train_ds, epochs, seed, lr, batch_size, weight_decay, progress)
+
+
+def train_grouped(genotypes: Sequence[tuple], train_ds, test_ds, epochs: int, seed: int, C: int = 8, N: int = 1, lr: float = 0.05,
+                  batch_size: int = 64, weight_decay: float = 5e-4, progress: bool = False) -> list[float]:
+    "Test accuracies (G,) of `fit_grouped`: `train_fixed` of G cells in one pass per step."
+    net = fit_grouped(genotypes, train_ds, epochs, seed, C, N, lr, batch_size, weight_decay, progress=progress)
+    xt, yt = test_ds.tensors
+    with torch.no_grad():
+        pred = torch.cat([net(xb.repeat(1, net.G, 1, 1)).argmax(2) for xb in xt.split(150)])
+    return (pred == yt[:, None]).double().mean(0).tolist()
 
 
 BENCH_CONFIG = dict(size=8, C=8, N=1, epochs=2, batch_size=64, lr=0.05, weight_decay=5e-4, seeds=[0, 1], split_seed=0)
 
 
 def make_benchmark(config: dict = BENCH_CONFIG, progress: bool = True) -> dict:
-    "Train every cell of the 125-cell space with each seed of `config` on digits; test accuracies (125, seeds) with the config."
+    "Train every cell of the 125-cell space with each seed of `config` on digits, all cells of a seed as one grouped network; test accuracies (125, seeds) with the config."
     from paperlab.data import digits
     tr, te = digits(config["size"], "train", seed=config["split_seed"]), digits(config["size"], "test", seed=config["split_seed"])
     archs = bench_archs()
-    acc = [[train_fixed(g, tr, te, config["epochs"], s, C=config["C"], N=config["N"], lr=config["lr"], batch_size=config["batch_size"],
-                        weight_decay=config["weight_decay"]) for s in config["seeds"]]
-           for g in tqdm(archs, disable=not progress, desc="benchmark")]
-    return dict(config=config, archs=[nb201_str(g) for g in archs], test_acc=acc)
+    per_seed = [train_grouped(archs, tr, te, config["epochs"], s, C=config["C"], N=config["N"], lr=config["lr"],
+                              batch_size=config["batch_size"], weight_decay=config["weight_decay"], progress=progress)
+                for s in tqdm(config["seeds"], disable=not progress, desc="benchmark seeds")]
+    return dict(config=config, archs=[nb201_str(g) for g in archs], test_acc=[list(a) for a in zip(*per_seed)])
 
 
 def load_benchmark(path=None) -> dict:
@@ -879,4 +1084,39 @@ def search_trial(seed: int, checkpoints: Sequence[int], order: int = 1, C: int =
         out["checkpoints"][epoch] = rec
 
     search(net, tr, va, checkpoints[-1], order=order, seed=seed, on_epoch=record, progress=progress, a_lr=a_lr)
+    return out
+
+
+def genotype_param_free_share(g: Genotype, cells: Sequence[str] = ("normal", "reduce")) -> float:
+    "Share of a DARTS genotype's chosen (op, input) pairs whose op is parameter-free (`none`, skip, pooling): the degeneration measure of the DARTS space."
+    return float(np.mean([op in PARAMETER_FREE for c in cells for op, _ in getattr(g, c)]))
+
+
+def darts_space_trial(seed: int, epochs: int, C: int = 4, layers: int = 3, steps: int = 4, val_size: int = 64, a_lr: float = 3e-4,
+                      pt_tune_epochs: int = 0, criteria: Sequence[str] = CRITERIA, progress: bool = False, train_size: int | None = None) -> dict:
+    "One first-order DARTS search in the DARTS CNN space on digits (θ/α halves of `search_split`, the first `train_size` of each if given), then each criterion's genotype under both topology rules: 'top2' (DARTS' rule on the scores) and 'project' (DARTS-PT's `project_edge`)."
+    seed_everything(seed)
+    tr, va = search_split(seed)
+    if train_size is not None: tr, va = (torch.utils.data.TensorDataset(*(t[:train_size] for t in d.tensors)) for d in (tr, va))
+    net = DartsSearchNetwork(C=C, num_classes=10, layers=layers, steps=steps, multiplier=steps, in_channels=tr.tensors[0].shape[1])
+    search(net, tr, va, epochs, order=1, seed=seed, progress=progress, a_lr=a_lr)
+    val = [(va.tensors[0][:val_size], va.tensors[1][:val_size])]
+    val_ds = torch.utils.data.TensorDataset(*val[0])
+    net.train()    # batch statistics, as the search and DARTS-PT's `infer(..., _eval=False)`
+    strength = strength_scores(net, val)
+    out = {"seed": seed, "epochs": epochs, "beta": [b.detach().tolist() for b in net.arch_weights()], "genotypes": {}}
+    for crit in tqdm(criteria, disable=not progress, desc="criteria"):
+        if crit == "darts-pt":   # official: op projection, then topology projection; 'top2' ranks the inputs by the strength of their op
+            proj, dropped = darts_pt_project(net, tr, val_ds, pt_tune_epochs, seed=seed, batch_size=val_size, topology=True, a_lr=a_lr)
+            onehot = projected_weights(net, proj)
+            genos = {"top2": net.genotype([torch.where(h > 0, s, -math.inf) for h, s in zip(onehot, strength)]),
+                     "project": net.genotype(projected_weights(net, proj, dropped))}
+        else:
+            scores = ({"magnitude": [b.detach() for b in net.arch_weights()], "strength": strength}.get(crit)   # DARTS ranks inputs by β
+                      or criterion_scores(crit, net, tr, val_ds, batch_size=val_size, seed=seed))
+            genos = {"top2": darts_space_genotype(net, scores, "top2"), "project": darts_space_genotype(net, scores, "project", val)}
+        for topo, g in genos.items():
+            check_darts_genotype(g, steps)
+            out["genotypes"][f"{crit}/{topo}"] = dict(genotype=g._asdict(), param_free=genotype_param_free_share(g),
+                                                      param_free_normal=genotype_param_free_share(g, ("normal",)))
     return out

@@ -12,7 +12,8 @@ from paperlab.ostr_darts import (CRITERIA, DARTS_V2, NB201_PRIMITIVES, DartsNetw
                                  check_darts_genotype, count_darts_params, criterion_scores, darts_genotype, darts_mixed_op,
                                  darts_op, exact_unrolled_arch_grad, first_order_arch_grad, load_benchmark, load_official_state,
                                  nb201_from_str, nb201_op, nb201_str, official_name, removal_scores, search, search_trial,
-                                 second_order_arch_grad, strength_scores, supernet_loss)
+                                 second_order_arch_grad, strength_scores, supernet_loss, GroupedNB201Network, darts_node_edges,
+                                 darts_pt_scores, darts_space_genotype, fit_fixed, fit_grouped, project_edge, projected_weights)
 
 DATA = repo_root() / "data" / "ostr_darts"
 G = DATA / "golden"
@@ -194,6 +195,10 @@ def test_stored_benchmark():
     lambda: NB201SearchCell(4, 4, 1, 3)(torch.zeros(1, 4, 4, 4), torch.ones(2, 5)),
     lambda: criterion_scores("random", NB201SearchNetwork(4, 1, 3)), lambda: criterion_scores("strength", NB201SearchNetwork(4, 1, 3)),
     lambda: search(NB201SearchNetwork(4, 1, 3), None, None, 1, order=3), lambda: search_trial(0, []),
+    lambda: GroupedNB201Network([]), lambda: darts_node_edges(0),
+    lambda: project_edge(NB201SearchNetwork(4, 1, 3), [], [torch.ones(3, 5)], 0, [0, 1, 2], metric="f1"),
+    lambda: darts_space_genotype(DartsSearchNetwork(2, 10, 3), [torch.zeros(14, 8)] * 2, topology="top3"),
+    lambda: darts_pt_scores(NB201SearchNetwork(4, 1, 3), None, None, topology=True),
 ])
 def test_bad_inputs_raise_value_error(bad):
     with pytest.raises(ValueError):
@@ -238,3 +243,71 @@ def test_search_trial_records_what_each_criterion_selects():
                      for js in ([(0, 0)], [(0, 1), (1, 2)]))     # edges 1<-0, 2<-0, 2<-1
         assert rec["arch"][key] == arch_index(geno)
     assert np.allclose(np.array(rec["beta"]), torch.tensor(rec["alpha"]).softmax(-1).numpy())
+
+
+def test_grouped_training_is_cell_by_cell_training():
+    # GroupedNB201Network trains G cells as one module; per cell it must be `fit_fixed` (float64, same init, batches, SGD)
+    from paperlab.data import digits
+    from torch.utils.data import TensorDataset
+    x, y = digits(8, "train", seed=0).tensors
+    sub = TensorDataset(x[:96], y[:96])
+    cells = [bench_archs()[k] for k in (0, 38, 124)]          # all-`none`, mixed, all-`avg_pool`
+    grouped = fit_grouped(cells, sub, 2, seed=7, dtype=torch.float64)
+    singles = [fit_fixed(c, sub, 2, seed=7, dtype=torch.float64) for c in cells]
+    xt = x[96:160].double()
+    with torch.no_grad():
+        out = grouped(xt.repeat(1, 3, 1, 1))
+        for g, net in enumerate(singles):
+            assert (out[:, g] - net(xt)).abs().max() < 1e-12
+        assert (out[:, 1] - singles[2](xt)).abs().max() > 1e-3     # and a different cell's network does not agree
+
+
+def test_darts_node_edges_is_official_nid2eids():
+    # ruocwang/darts-pt sota/cnn/model_search_darts_proj.py: nid2eids = {0: [2, 3, 4], 1: [5, 6, 7, 8], 2: [9, 10, 11, 12, 13]}
+    assert darts_node_edges(4) == {0: [2, 3, 4], 1: [5, 6, 7, 8], 2: [9, 10, 11, 12, 13]}
+
+
+def _tiny_darts(steps=3):
+    torch.manual_seed(6)
+    net = DartsSearchNetwork(C=2, num_classes=10, layers=3, steps=steps, multiplier=steps, in_channels=1).double().train()
+    with torch.no_grad():
+        for a in net.arch_parameters(): a.normal_()
+    g = torch.Generator().manual_seed(3)
+    return net, [(torch.randn(16, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g))]
+
+
+def test_project_edge_drops_the_least_harmful_edge_each_round():
+    net, data = _tiny_darts()
+    w = [b.detach() for b in net.arch_weights()]
+    eids = darts_node_edges(3)[1]                              # node 3 of the cell: 4 inputs, edges 5..8
+    removed_loss = lambda keep_w, e: supernet_loss(net, data, [x if m != 0 else x.index_fill(0, torch.tensor([e]), 0.0)
+                                                              for m, x in enumerate(keep_w)])[0]
+    left = list(eids)
+    for _ in range(2):     # official: each round evaluates on the projected weights as given (earlier drops of this node not zeroed)
+        losses = {e: removed_loss(w, e) for e in left}
+        left.remove(min(left, key=lambda e: (losses[e], -e)))  # smallest loss after removal; ties: the later edge
+    assert project_edge(net, data, w, 0, eids, metric="loss") == left
+    # every removal equally harmless (the node's rows already zero): ties drop the later edges, the first two stay
+    wz = [x.clone() for x in w]; wz[0][eids] = 0.0
+    assert project_edge(net, data, wz, 0, eids, metric="acc") == eids[:2]
+
+
+def test_darts_pt_topology_keeps_two_projected_inputs_per_node():
+    from torch.utils.data import TensorDataset
+    net, data = _tiny_darts(steps=2)                         # 5 edges per cell; the second node chooses 2 of 3 inputs
+    ds = TensorDataset(*data[0])
+    pt = darts_pt_scores(net, ds, ds, tune_epochs=0, topology=True, batch_size=16)
+    geno = net.genotype(pt)
+    check_darts_genotype(geno, 2)
+    for m, (p, cell) in enumerate(zip(pt, (geno.normal, geno.reduce))):
+        assert ((p.sum(1) == 1) | (p.sum(1) == 0)).all() and (p.max(1).values <= 1).all()
+        assert p[:2].sum() == 2                                  # the first node's two inputs are never dropped
+        for nid, eids in darts_node_edges(2).items():
+            kept = [e for e in eids if p[e].sum() == 1]
+            assert len(kept) == 2
+            assert sorted(j for _, j in cell[2 * (nid + 1):2 * (nid + 2)]) == [e - eids[0] for e in kept]
+    # 'project' on given op choices: the kept edges carry the chosen ops
+    g2 = darts_space_genotype(net, [b.detach() for b in net.arch_weights()], "project", data)
+    check_darts_genotype(g2, 2)
+    top = darts_space_genotype(net, [b.detach() for b in net.arch_weights()], "top2")
+    assert [op for op, _ in g2.normal[:2]] and {op for op, _ in top.normal[:2]} == {op for op, _ in g2.normal[:2]}
