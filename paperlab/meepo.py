@@ -746,22 +746,26 @@ def receptive_field(mixer: nn.Module, coord: Tensor, feat: Tensor, centre: int, 
 
 # %% ../nbs/14_meepo.ipynb #e156137f
 class FullAttention(nn.Module):
-    "Global softmax attention over a whole sequence (the quadratic baseline): (B, L, C) -> (B, L, C)."
-    def __init__(self, channels: int, num_heads: int = 2):
+    "Global softmax attention over a whole sequence: (B, L, C) -> (B, L, C); `explicit` builds the L×L matrix (PTv3's non-flash path), else SDPA."
+    def __init__(self, channels: int, num_heads: int = 2, explicit: bool = True):
         super().__init__()
-        self.h = num_heads
+        self.h, self.explicit = num_heads, explicit
         self.qkv, self.proj = nn.Linear(channels, 3 * channels), nn.Linear(channels, channels)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         B, L, C = x.shape
         q, k, v = self.qkv(x).reshape(B, L, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C))
+        if self.explicit:
+            out = torch.softmax(q @ k.transpose(-2, -1) * (C // self.h) ** -0.5, dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
 class WindowAttention(FullAttention):
     "PTv3-style attention within consecutive windows of `patch` tokens (L padded to a multiple): (B, L, C) -> (B, L, C)."
-    def __init__(self, channels: int, num_heads: int = 2, patch: int = 1024):
-        super().__init__(channels, num_heads)
+    def __init__(self, channels: int, num_heads: int = 2, patch: int = 1024, explicit: bool = True):
+        super().__init__(channels, num_heads, explicit)
         self.patch = patch
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
