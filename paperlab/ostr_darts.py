@@ -191,6 +191,10 @@ class MixedOp(nn.Module):
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         if weights.shape != (len(self.ops),):
             raise ValueError(f"weights must have shape ({len(self.ops)},), got {tuple(weights.shape)}")
+        if not torch.is_grad_enabled() and (weights != 0).any():
+            # evaluation only (no ∂L/∂w wanted): an op of weight exactly 0 adds exactly 0, so it is not run; the sum is bit-identical
+            # and DARTS-PT's projected (one-hot) and dropped rows cost one op or none
+            return sum(w * op(x) for w, op in zip(weights, self.ops) if w != 0)
         return sum(w * op(x) for w, op in zip(weights, self.ops))
 
 
