@@ -1,6 +1,8 @@
 """MEEPO chapter: serialisation against PTv3's official outputs, Hilbert adjacency, grid sampling against Pointcept, Mamba block
 against mamba-ssm, mixer properties (causality, reversal, strided order, padding), spconv against a gather reference, pooling,
 patch attention against a naive loop, the full-size parameter count, and bad inputs."""
+import json
+
 import numpy as np
 import pytest
 import spconv.pytorch as spconv
@@ -8,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from paperlab.core import count_params, repo_root
-from paperlab.meepo import (ORDERS, MambaMixer, PointUNet, SSMBranch, SerializedAttention, SerializedPooling,
+from paperlab.meepo import (ORDERS, MambaMixer, PointUNet, PointUNetConfig, ptv3_state_to_ours, SSMBranch, SerializedAttention, SerializedPooling,
                             accuracy_by_position, decode, encode, fnv_hash, grid_sample, hilbert_decode, hilbert_encode,
                             inverse_permutation, load_mamba_ssm_state, make_point_cloud, make_scene, pack, patch_padding,
                             ptv3_base, serialize, strided_order, submconv_reference, tiny_config, z_order_decode, z_order_encode)
@@ -273,9 +275,12 @@ def test_serialized_attention_equals_naive_patches():
 
 
 def test_full_size_parameter_count():
-    # PTv3 paper: PTv3 (ScanNet semseg) has 46.2M parameters
+    # official PointTransformerV3() (commit 3229e9b) + 20-class head: data/meepo/golden/ptv3_param_count.json; paper: 46.2M
+    official = json.loads((repo_root() / "data/meepo/golden/ptv3_param_count.json").read_text())["plus_seg_head_20"]
     with torch.device("meta"):
         n = count_params(PointUNet(ptv3_base()))
+        assert count_params(PointUNet(ptv3_base(enc_channels=(32, 64, 128, 256, 256)))) != official   # sensitivity
+    assert n == official
     assert abs(n / 46.2e6 - 1) < 0.01, n
 
 
@@ -305,3 +310,24 @@ def test_accuracy_by_position():
     pred = torch.tensor([2, 3, 3, 2, 0]); y = torch.tensor([2, 2, 3, 3, 0]); pos = torch.tensor([0.1, 0.3, 0.6, 0.9, 0.5])
     np.testing.assert_allclose(accuracy_by_position(pred, y, pos, bins=2), [50.0, 50.0])
     np.testing.assert_allclose(accuracy_by_position(pred, y, pos, bins=4)[[0, 2]], [100.0, 100.0])
+
+
+@torch.no_grad()
+def test_golden_ptv3_forward():
+    # PTv3 model.py PointTransformerV3 (commit 3229e9b), small config, train mode, torch.manual_seed(2) before the forward
+    gf = np.load(repo_root() / "data/meepo/golden/ptv3_forward.npz")
+    cfg = PointUNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(str(gf["config"])).items()
+                             if k not in ("enable_flash", "upcast_attention", "upcast_softmax")})
+    state = ptv3_state_to_ours({k[6:]: torch.from_numpy(gf[k]) for k in gf.files if k.startswith("param/")}, cfg)
+
+    def run(state):
+        model = PointUNet(cfg); model.load_state_dict(state); model.train()
+        pc = make_point_cloud(torch.from_numpy(gf["coord"]).float(), torch.from_numpy(gf["feat"]), torch.from_numpy(gf["batch"]),
+                              0.05, cfg.order, shuffle_orders=False)
+        torch.manual_seed(2)
+        return model(pc)
+    ref = torch.from_numpy(gf["out"])
+    torch.testing.assert_close(run(state), ref, atol=1e-4, rtol=1e-4)
+    bad = dict(state)                                                        # sensitivity: swap two blocks' qkv biases
+    bad["enc.0.0.mixer.qkv.bias"], bad["dec.1.1.mixer.qkv.bias"] = state["dec.1.1.mixer.qkv.bias"], state["enc.0.0.mixer.qkv.bias"]
+    assert (run(bad) - ref).abs().max() > 1e-2
