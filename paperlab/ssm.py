@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +122,9 @@ def mamba_ssm_interface():
         importlib.import_module("selective_scan_cuda")
     except ImportError:
         sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
-    return importlib.import_module("mamba_ssm.ops.selective_scan_interface")
+    with warnings.catch_warnings():   # its Triton autotuning notice under torch's deterministic mode: irrelevant here
+        warnings.filterwarnings("ignore", message="Deterministic mode")
+        return importlib.import_module("mamba_ssm.ops.selective_scan_interface")
 
 
 def has_cuda_kernel() -> bool:
