@@ -27,8 +27,8 @@ from .data import PALETTE, SHAPE_CLASSES, shape_mask
 from .train import cosine_lr, param_groups
 
 # %% auto #0
-__all__ = ['THING_COLORS', 'STUFF_CLASSES', 'THING_CLASSES', 'CLASSES', 'UNSEEN', 'SEEN', 'IS_THING', 'DOMAINS', 'WORDS',
-           'DATA_VERSION', 'VARIANTS', 'TUNINGS', 'SEEN_MASK', 'FULL_SIZE', 'ARMS', 'make_scene', 'scenes',
+__all__ = ['THING_COLORS', 'PATTERNS', 'STUFF_CLASSES', 'THING_CLASSES', 'CLASSES', 'UNSEEN', 'SEEN', 'IS_THING', 'DOMAINS',
+           'WORDS', 'DATA_VERSION', 'VARIANTS', 'TUNINGS', 'SEEN_MASK', 'FULL_SIZE', 'ARMS', 'make_scene', 'scenes',
            'semantic_map', 'tokenize', 'TinyClipConfig', 'tiny_clip', 'clip_input', 'text_classifier', 'caption',
            'clip_loss', 'pretrain_clip', 'cached_module', 'pretrained_clip', 'mask_pooling', 'classification_logits',
            'geometric_ensemble', 'semantic_inference', 'panoptic_inference', 'segments_of', 'panoptic_quality',
@@ -40,10 +40,11 @@ __all__ = ['THING_COLORS', 'STUFF_CLASSES', 'THING_CLASSES', 'CLASSES', 'UNSEEN'
 
 # %% ../nbs/33_smart.ipynb #1e81d94f
 THING_COLORS = ("red", "green", "blue", "yellow")  # indices 0..3 of paperlab.data.PALETTE
+PATTERNS = ("plain", "striped", "dotted", "checkered")
 STUFF_CLASSES = ("grass", "water", "sand")
-THING_CLASSES = tuple(f"{c} {s}" for c in THING_COLORS for s in SHAPE_CLASSES)
+THING_CLASSES = tuple(f"{c} {p}" for c in THING_COLORS for p in PATTERNS)
 CLASSES = THING_CLASSES + STUFF_CLASSES  # category id = index
-UNSEEN = tuple(f"{c} {s}" for c, s in zip(THING_COLORS, SHAPE_CLASSES))
+UNSEEN = tuple(f"{c} {p}" for c, p in zip(THING_COLORS, PATTERNS))
 SEEN = tuple(c for c in CLASSES if c not in UNSEEN)
 IS_THING = torch.tensor([c in THING_CLASSES for c in CLASSES])
 DOMAINS = ("source", "shifted")
@@ -66,6 +67,13 @@ def _stuff_texture(name: str, domain: str, size: int, rng: np.random.Generator) 
     return np.clip(img, 0, 1).astype(np.float32)
 
 
+def _pattern(name: str, size: int) -> np.ndarray:
+    "(size, size) bool: the pixels of a pattern drawn at full colour (the others at 35%)."
+    yy, xx = np.mgrid[0:size, 0:size]
+    return {"plain": np.ones((size, size), bool), "striped": yy % 2 == 0, "dotted": (yy % 2 == 0) & (xx % 2 == 0),
+            "checkered": (yy + xx) % 2 == 0}[name]
+
+
 def make_scene(rng: np.random.Generator, size: int = 32, domain: str = "source",
                classes: Sequence[str] = THING_CLASSES, max_things: int = 3) -> dict:
     "One scene: image (3, size, size) float32, masks (N, size, size) bool, labels (N,) int64 (things first, then stuff)."
@@ -83,7 +91,8 @@ def make_scene(rng: np.random.Generator, size: int = 32, domain: str = "source",
     masks, labels = [], []
     for _ in range(int(rng.integers(1, max_things + 1))):
         name = classes[int(rng.integers(len(classes)))]
-        color, shape = name.split(" ")
+        color, pattern = name.split(" ")
+        shape = int(rng.integers(len(SHAPE_CLASSES)))
         ext = int(rng.integers(size // 4, size // 4 + 6))
         for _ in range(30):
             top, left = (int(v) for v in rng.integers(0, size - ext + 1, size=2))
@@ -91,9 +100,9 @@ def make_scene(rng: np.random.Generator, size: int = 32, domain: str = "source",
         else:
             continue
         m = np.zeros((size, size), bool)
-        m[top:top + ext, left:left + ext] = shape_mask(SHAPE_CLASSES.index(shape), ext)
+        m[top:top + ext, left:left + ext] = shape_mask(shape, ext)
         taken[top + 1:top + ext + 1, left + 1:left + ext + 1] = True
-        img[m] = PALETTE[THING_COLORS.index(color)]
+        img[m] = PALETTE[THING_COLORS.index(color)] * np.where(_pattern(pattern, size)[m], 1.0, 0.35)[:, None]
         masks.append(m); labels.append(CLASSES.index(name))
     things = np.any(masks, axis=0) if masks else np.zeros((size, size), bool)
     for s in np.unique(stuff_map):
@@ -116,7 +125,7 @@ def semantic_map(scene: dict) -> Tensor:
     return out
 
 # %% ../nbs/33_smart.ipynb #0cc0a525
-WORDS = ("<pad>", "<sot>") + THING_COLORS + SHAPE_CLASSES + STUFF_CLASSES + ("on", "<eot>")
+WORDS = ("<pad>", "<sot>") + THING_COLORS + PATTERNS + STUFF_CLASSES + ("on", "<eot>")
 
 
 def tokenize(texts: Sequence[str], context_length: int = 8) -> Tensor:
@@ -170,8 +179,8 @@ def text_classifier(clip: open_clip.CLIP, names: Sequence[str]) -> Tensor:
     ctx = clip.context_length if hasattr(clip, "context_length") else 8
     return F.normalize(clip.encode_text(tokenize(names, ctx)), dim=-1)
 
-# %% ../nbs/33_smart.ipynb #6559a2c0
-DATA_VERSION = 1
+# %% ../nbs/33_smart.ipynb #204a503b
+DATA_VERSION = 2
 
 
 def caption(scene: dict, rng: np.random.Generator) -> str:
@@ -195,7 +204,7 @@ def clip_loss(clip: open_clip.CLIP, images: Tensor, tokens: Tensor) -> Tensor:
     return 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.log_softmax(0)).sum(0).mean())
 
 
-def pretrain_clip(cfg: TinyClipConfig = TinyClipConfig(), steps: int = 500, batch: int = 64, lr: float = 2e-3,
+def pretrain_clip(cfg: TinyClipConfig = TinyClipConfig(), steps: int = 1000, batch: int = 64, lr: float = 2e-3,
                   seed: int = 0, pool_size: int = 8000, progress: bool = True) -> open_clip.CLIP:
     "Train `tiny_clip(cfg)` on captions of a pool of generated scenes; AdamW, cosine schedule."
     seed_everything(seed)
@@ -238,7 +247,7 @@ def cached_module(path: Path, key: str, build, train) -> nn.Module:
     return m.eval()
 
 
-def pretrained_clip(cfg: TinyClipConfig = TinyClipConfig(), steps: int = 500, seed: int = 0,
+def pretrained_clip(cfg: TinyClipConfig = TinyClipConfig(), steps: int = 1000, seed: int = 0,
                     path: Path | None = None) -> open_clip.CLIP:
     "The pretrained small CLIP from `data/smart/clip_tiny.npz`, retrained and re-cached if its key differs."
     path = Path(path) if path else repo_root() / "data" / "smart" / "clip_tiny.npz"
@@ -484,7 +493,7 @@ def trained_mask_generator(clip: open_clip.CLIP, n_train: int = 1500, steps: int
                            cfg: MaskGeneratorConfig = MaskGeneratorConfig(), path: Path | None = None) -> MaskGenerator:
     "The mask generator cached in `data/smart/mask_generator.npz` (trained on `n_train` seen-class scenes if the key differs)."
     path = Path(path) if path else repo_root() / "data" / "smart" / "mask_generator.npz"
-    clip_sig = float(sum(p.double().sum() for p in clip.parameters()))
+    clip_sig = float(sum(p.detach().double().sum() for p in clip.parameters()))
     key = _cache_key(cfg=cfg, n_train=n_train, steps=steps, seed=seed, clip=round(clip_sig, 6), recipe="maskgen-v1")
     build = lambda: MaskGenerator(cfg, clip.visual.transformer.width, clip.text_projection.shape[1], clip.visual.grid_size[0])
     train = lambda: train_mask_generator(clip, train_scenes(n_train, seed), cfg, steps, seed=seed)
@@ -763,13 +772,13 @@ ARMS = (("fcclip", "pool", "frozen"), ("token/frozen", "token", "frozen"), ("tok
 
 
 def run_arm(clip: open_clip.CLIP, gen: MaskGenerator, train: Sequence[dict], tests: dict[str, list[dict]],
-            variant: str, tuning: str, steps: int, seed: int, oracles: bool = False) -> tuple[dict, MaskClassifier]:
+            variant: str, tuning: str, steps: int, seed: int, oracles: bool = False, batch: int = 16) -> tuple[dict, MaskClassifier]:
     "Train one arm's classifier and evaluate it on each test set; returns metrics (with train_s, trainable) and the classifier."
     import time
     torch.manual_seed(seed)
     clf = MaskClassifier(clip, ClassifierConfig(variant, tuning))
     t0 = time.perf_counter()
-    train_classifier(clf, clip, train, steps=steps, seed=seed)
+    train_classifier(clf, clip, train, steps=steps, batch=batch, seed=seed)
     res = {"train_s": time.perf_counter() - t0, "trainable": clf.trainable_params()}
     for dom, test in tests.items():
         for k, v in evaluate(predict(gen, clf, clip, test), test).items(): res[f"{dom}:{k}"] = v
@@ -793,7 +802,7 @@ def run_experiment(clip: open_clip.CLIP, gen: MaskGenerator, seeds: Sequence[int
         if path is not None: atomic_write(path, json.dumps(rows, indent=1))
     return rows, clfs
 
-# %% ../nbs/33_smart.ipynb #c7c968cf
+# %% ../nbs/33_smart.ipynb #533f6c0f
 @torch.no_grad()
 def mask_token_attention(clf: MaskClassifier, clip: open_clip.CLIP, scene: dict, index: int) -> Tensor:
     "Attention (grid, grid) of the mask token of segment `index` of `scene` over the patches, last block, heads averaged."
