@@ -19,11 +19,11 @@ from .core import atomic_write, get_mode, results_dir, seed_everything
 from .data import COLOR_NAMES, PALETTE, SHAPE_CLASSES, shape_mask
 
 # %% auto #0
-__all__ = ['SPECIALS', 'QA_WORDS', 'QUESTION_KINDS', 'VLM_SIZES', 'VLM_STEPS', 'TRAIN_SIZE', 'cell_name', 'row_name', 'Vocab',
-           'GridQAConfig', 'grid_scene', 'grid_question', 'QABatch', 'make_qa', 'VLMConfig', 'TinyVLM', 'full_mask',
-           'check_pruning', 'keep_count', 'top_visual', 'sequence_keep_index', 'drop_visual_tokens', 'generate',
-           'answer_strings', 'confidence', 'aggregate_attention', 'attention_map', 'last_token_attention',
-           'answer_loss', 'train_vlm', 'accuracy', 'book_vlm']
+__all__ = ['SPECIALS', 'QA_WORDS', 'QUESTION_KINDS', 'VLM_SIZES', 'VLM_STEPS', 'TRAIN_SIZE', 'QUICK_STEPS', 'cell_name',
+           'row_name', 'Vocab', 'GridQAConfig', 'grid_scene', 'grid_question', 'QABatch', 'make_qa', 'VLMConfig',
+           'TinyVLM', 'full_mask', 'check_pruning', 'keep_count', 'top_visual', 'sequence_keep_index',
+           'drop_visual_tokens', 'generate', 'answer_strings', 'confidence', 'aggregate_attention', 'attention_map',
+           'last_token_attention', 'answer_loss', 'train_vlm', 'accuracy', 'book_vlm']
 
 # %% ../nbs/09_vlm.ipynb #40fc5dc6
 SPECIALS = ("<pad>", "<bos>", "<eos>")
@@ -201,7 +201,7 @@ class VLMConfig:
 
 VLM_SIZES: dict[str, VLMConfig] = {
     "small": VLMConfig(),
-    "large": VLMConfig(vision_width=96, vision_depth=3, vision_heads=3, hidden_size=128, num_layers=8, num_heads=4,
+    "large": VLMConfig(vision_width=64, vision_depth=2, vision_heads=2, hidden_size=96, num_layers=6, num_heads=4,
                        intermediate_size=256),
 }
 
@@ -346,7 +346,8 @@ def generate(model: TinyVLM, images: Tensor, questions: Tensor, q_len: Tensor, m
     for t in range(max_new_tokens):
         mask = (torch.arange(text.shape[1]) < length[:, None]).long()
         logits = model(images, text, attention_mask=mask).logits
-        last = logits[rows, model.cfg.n_vis + length]  # the row of each sample's last real token: 1 + n_vis + length - 1
+        prefix = logits.shape[1] - text.shape[1]  # bos + the visual tokens still in the sequence (fewer when pruned)
+        last = logits[rows, prefix + length - 1]  # the row of each sample's last real token
         p = last.float().softmax(-1)
         nxt = p.argmax(-1)
         live = ~done
@@ -473,14 +474,15 @@ def accuracy(model: TinyVLM, data: QABatch, vocab: Vocab, keep_vis: Tensor | Non
     return torch.cat(out)
 
 
-VLM_STEPS = {"small": 1500, "large": 1500}  # full-mode training steps per size
-TRAIN_SIZE = 6000                            # full-mode training boards (quick: 256)
+VLM_STEPS = {"small": 600, "large": 600}  # full-mode training steps per size
+TRAIN_SIZE = 4000                          # full-mode training boards (quick: 256)
+QUICK_STEPS = 6                            # quick mode: a few steps, for tests only
 
 
 def book_vlm(size: str, seed: int = 0, mode: str | None = None, progress: bool = True) -> TinyVLM:
-    "The book's trained `VLM_SIZES[size]`: `train_vlm` on `make_qa(TRAIN_SIZE, seed=1)` (quick: 256 boards, 20 steps), cached."
+    "The book's trained `VLM_SIZES[size]`: `train_vlm` on `make_qa(TRAIN_SIZE, seed=1)` for `VLM_STEPS[size]` steps (quick: 256 boards, `QUICK_STEPS`), cached."
     if size not in VLM_SIZES: raise ValueError(f"unknown size {size!r}: expected one of {list(VLM_SIZES)}")
     quick = get_mode(mode) == "quick"
     data = make_qa(256 if quick else TRAIN_SIZE, seed=1)
-    return train_vlm(VLM_SIZES[size], data, 20 if quick else VLM_STEPS[size], seed=seed, name=size, mode=mode,
+    return train_vlm(VLM_SIZES[size], data, QUICK_STEPS if quick else VLM_STEPS[size], seed=seed, name=size, mode=mode,
                      progress=progress)

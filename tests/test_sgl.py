@@ -1,0 +1,97 @@
+"""SGL chapter: official aggregation and pruning (golden), 100 % retention is exact, planted tokens recovered, consistency by hand, full-size counts, bad inputs."""
+import numpy as np
+import pytest
+import torch
+
+from paperlab.core import repo_root
+from paperlab.sgl import (INTERNVL2, RANKINGS, answer, build_internvl2, consistency, fuse, prefill_flops,
+                          prefill_flops_formula, recall_at, run_pair, topk_overlap)
+from paperlab.vlm import VLM_SIZES, TinyVLM, Vocab, aggregate_attention, keep_count, make_qa, sequence_keep_index, top_visual
+
+GOLD = repo_root() / "data/sgl/golden/official_aggregation_pruning.npz"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    return TinyVLM(VLM_SIZES["small"]).eval(), TinyVLM(VLM_SIZES["large"]).eval()
+
+
+def test_golden_official_aggregation_and_pruning():
+    g = np.load(GOLD)
+    layout = slice(int(g["v0"]), int(g["v1"]) + 1)
+    ours = aggregate_attention(list(torch.from_numpy(g["attentions"])), layout)[0]
+    np.testing.assert_allclose(ours.numpy(), g["importance"], rtol=0, atol=1e-12)
+    hs = torch.from_numpy(g["hidden_states"])
+    for r in (1.0, 0.5, 0.34):
+        idx = sequence_keep_index(top_visual(ours[None], r), layout, int(g["prefill"]))[0]
+        np.testing.assert_array_equal(idx.numpy(), g[f"keep_{r}"])
+        np.testing.assert_array_equal(hs[:, idx].numpy(), g[f"hidden_{r}"])
+        np.testing.assert_array_equal(idx[None].numpy(), g[f"position_ids_{r}"])
+    # sensitivity: the helper's variant (rows after the last visual token) differs
+    late = aggregate_attention([a[:, :, 1:, :] for a in torch.from_numpy(g["attentions"])], slice(layout.start - 1, layout.stop - 1))[0]
+    assert np.abs(late.numpy() - g["importance"]).max() > 1e-3
+
+
+def test_full_retention_reproduces_the_unpruned_large_model(pair):
+    small, large = pair
+    v, d = Vocab(), make_qa(8, seed=4)
+    full = answer(large, d, v)
+    kept = answer(large, d, v, top_visual(torch.rand(8, 36), 1.0), large.cfg.prune_layer)
+    assert torch.equal(full.ids, kept.ids) and torch.equal(full.max_prob, kept.max_prob)
+    pruned = answer(large, d, v, top_visual(torch.rand(8, 36), 0.09), large.cfg.prune_layer)
+    assert not torch.equal(full.max_prob, pruned.max_prob)
+
+
+def test_oracle_recovers_planted_tokens():
+    g = torch.Generator().manual_seed(2)
+    planted = torch.tensor([2, 11, 29])
+    logits = torch.randn(4, 1, 2, 50, 50, generator=g)
+    logits[..., 1 + planted] += 3.0
+    A = logits.masked_fill(~torch.ones(50, 50, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    scores = aggregate_attention(list(A), slice(1, 37))
+    assert torch.equal(top_visual(scores, 3 / 36)[0], planted)
+    rel = torch.zeros(1, 36, dtype=torch.bool); rel[0, planted] = True
+    assert recall_at(scores, rel, 3 / 36).item() == 1.0
+    assert topk_overlap(scores, scores, 0.09).item() == 1.0
+
+
+def test_consistency_by_hand(pair):
+    small, _ = pair
+    v, d = Vocab(), make_qa(3, seed=5)
+    ans = answer(small, d, v)
+    scores = torch.rand(3, 36, generator=torch.Generator().manual_seed(0))
+    got = consistency(small, d, ans, scores, ratio=0.05)
+    for i in range(3):
+        keep = scores[i].topk(keep_count(36, 0.05)).indices.sort().values
+        L = int(ans.length[i])
+        emb, _ = small.embed(d.images[i:i + 1], ans.text[i:i + 1, :L])
+        idx = torch.cat([torch.tensor([0]), keep + 1, torch.arange(37, 37 + L)])
+        pos = idx[None]
+        logits = small.lm(inputs_embeds=emb[:, idx], position_ids=pos).logits[0].float().softmax(-1)
+        q = L - int(ans.n_gen[i])
+        k = len(keep)
+        prob = torch.prod(torch.stack([logits[k + t, ans.text[i, t]] for t in range(q, L)]))
+        torch.testing.assert_close(got[i], prob, rtol=1e-4, atol=1e-7)
+
+
+def test_full_size_counts_and_flops():
+    m = build_internvl2(INTERNVL2["2B"])
+    total = sum(p.numel() for p in m.parameters())
+    assert abs(total / 2.2e9 - 1) < 0.01  # InternVL2-2B model card: 2.2B
+    c = INTERNVL2["2B"]
+    lm = m["language_model"]
+    assert c.prune_layer == 9 and c.num_image_token == 256
+    for r in (1.0, 0.09):
+        kept = 45 + keep_count(256, r)
+        assert prefill_flops(lm, r, c.prune_layer) == prefill_flops_formula(c, 301, kept, c.prune_layer)
+    with pytest.raises(ValueError, match="retention"): prefill_flops(lm, 1.5, c.prune_layer)
+
+
+def test_bad_inputs(pair):
+    small, large = pair
+    v, d = Vocab(), make_qa(2, seed=6)
+    with pytest.raises(ValueError, match="beyond"): run_pair(small, large, d, v, layer=large.cfg.num_layers)
+    with pytest.raises(ValueError, match="retention"): run_pair(small, large, d, v, retentions=(0.0,))
+    with pytest.raises(ValueError, match="fuse"): fuse(torch.ones(1), torch.ones(1), "max")
+    assert RANKINGS[0].startswith("SGL")
