@@ -1,0 +1,120 @@
+"Tests of the DeeR-VLA chapter (paperlab.deer): the exit rule, the budget solver against the official outputs, caps, replay."
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from paperlab.core import count_params, repo_root
+from paperlab.deer import (ChainEnv, FlamingoLLM, FlamingoLLMConfig, MultiExitPolicy, PolicyConfig, TaskConfig, Vocab,
+                           dynamic_step, exit_blocks, exit_profile, heads_loss, rollout, simulate_exits, solve_thresholds,
+                           thresholds_for_budget, truncate)
+
+GOLDEN = repo_root() / "data" / "deer" / "golden"
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    return MultiExitPolicy(PolicyConfig()).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(policy):
+    obs = ChainEnv(TaskConfig(), batch=6, seed=9).observe()
+    ids, mask = policy.tokenize(obs["instruction"])
+    state = tuple(torch.randn(2, 6, 64) * 0.5 for _ in range(2))
+    return obs["tokens"], ids, mask, state
+
+
+def test_zero_thresholds_force_deepest_allowed_exit_and_infinite_the_first(policy, batch):
+    E = len(policy.exits)
+    for cap in range(E):
+        ex0 = dynamic_step(policy, *batch, np.zeros(E), max_exit=cap)[2]
+        exinf = dynamic_step(policy, *batch, np.full(E, np.inf), max_exit=cap)[2]
+        assert ex0.tolist() == [cap] * 6 and exinf.tolist() == [0] * 6
+
+
+def test_exit_at_last_equals_static_model(policy, batch):
+    tokens, ids, mask, state = batch
+    arm = dynamic_step(policy, tokens, ids, mask, state, np.zeros(len(policy.exits)))[0]
+    with torch.no_grad():
+        ctx, got = policy.embed(tokens, ids, mask), {}
+        hook = policy.layers[-1].register_forward_hook(lambda m, a, out: got.update(h=out[0] if isinstance(out, tuple) else out))
+        policy.lm.model(inputs_embeds=ctx["h"], attention_mask=ctx["keep"].long())   # transformers' own static forward
+        hook.remove()
+        ref = policy.head(MultiExitPolicy.pool(got["h"], ctx["keep"])[:, None], state)[0][:, 0]
+    torch.testing.assert_close(arm, ref, atol=1e-5, rtol=0)
+
+
+def test_golden_official_threshold_solver():
+    golden = json.loads((GOLDEN / "thresholds.json").read_text())
+    vals = np.load(GOLDEN / "values.npz")
+    assert len(golden["cases"]) == 9
+    for c in golden["cases"]:
+        ml = min(c["max_layer"] - 1, c["exit_ids"][-1])
+        K = sum(x <= ml for x in c["exit_ids"])
+        ours = solve_thresholds(vals[c["values"]], c["exit_ratio"], K, skip_first="mpt_9b" in c["model_name"]).astype(np.float64)
+        ref = np.array(c["thresholds"])
+        ref = np.where(ref >= 1e8, np.inf, np.where(ref <= -1e8, -np.inf, ref))
+        np.testing.assert_array_equal(ours, ref, err_msg=c["name"])
+        # sensitivity: a slightly different q changes the thresholds, so the comparison can fail
+        if c["name"] == "deer_b_q1.0":
+            assert not np.array_equal(solve_thresholds(vals[c["values"]], 1.05, K), ours)
+
+
+def test_offline_solver_meets_average_budget_on_its_data():
+    rng = np.random.default_rng(0)
+    values = rng.gamma(2.0, 0.02, size=(4, 2000)) * np.array([1.5, 1.0, 0.6, 0.3])[:, None]
+    costs = [2, 4, 6, 8]
+    for budget in (2.2, 3.0, 4.5, 6.0, 7.5):
+        th, q = thresholds_for_budget(values, budget, costs)
+        realised = np.asarray(costs)[simulate_exits(values, th)].mean()
+        assert abs(realised - budget) <= 0.03 * budget, (budget, realised)
+        np.testing.assert_allclose((exit_profile(q, 4).numpy() * np.array(costs)).sum(), budget, rtol=1e-4)
+
+
+def test_impossible_budget_raises():
+    with pytest.raises(ValueError, match="below the cost of the first allowed exit"):
+        thresholds_for_budget(np.ones((4, 10)), 1.9, [2, 4, 6, 8])
+    with pytest.raises(ValueError, match="increasing"):
+        thresholds_for_budget(np.ones((4, 10)), 3.0, [4, 2, 6, 8])
+
+
+def test_cap_is_never_exceeded_and_truncation_loads_only_the_cap(policy):
+    r = rollout(policy, TaskConfig(), 4, 1, np.zeros(4), max_exit=1)
+    assert r["max_layers"] <= 4 and r["exits"].max() <= 1
+    small = truncate(policy, 1)
+    assert len(small.layers) == 4 and small.exits == [1, 3]
+    assert count_params(small.lm.model.layers) * 2 == count_params(policy.lm.model.layers)
+    with pytest.raises(ValueError, match="max_exit"):
+        obs = ChainEnv(TaskConfig(), batch=1).observe()
+        dynamic_step(small, obs["tokens"], *small.tokenize(obs["instruction"]), None, [0, 0], max_exit=2)
+
+
+def test_episodes_replay_identically_from_a_seed(policy):
+    a = rollout(policy, TaskConfig(), 3, 7, [0.01, 0.01, 0.01, np.inf])
+    b = rollout(policy, TaskConfig(), 3, 7, [0.01, 0.01, 0.01, np.inf])
+    np.testing.assert_array_equal(a["exits"], b["exits"])
+    np.testing.assert_array_equal(a["completed"], b["completed"])
+
+
+def test_bad_inputs_raise(policy):
+    with pytest.raises(ValueError, match="unknown variant"):
+        heads_loss(policy, torch.zeros(4, 1, 2, 32), dict(arm=torch.zeros(1, 2, 2)), "early")
+    with pytest.raises(ValueError, match="positive finite"):
+        exit_profile(-1.0, 4)
+    with pytest.raises(ValueError, match="unknown words"):
+        Vocab().encode("go to the purple square")
+    with pytest.raises(ValueError, match="batch must be"):
+        ChainEnv(TaskConfig(), batch=0)
+    with pytest.raises(ValueError, match="exit_interval"):
+        exit_blocks(8, 0)
+
+
+def test_full_size_counts_on_meta():
+    assert exit_blocks(12, 2) == [1, 3, 5, 7, 9, 11]      # DeeR-B: 6 exits (README)
+    with torch.device("meta"):
+        m = FlamingoLLM(FlamingoLLMConfig(), layers=12)
+    assert len(m.mpt.blocks) == 12
+    assert count_params(m.mpt.blocks[0]) == 12 * 2048 ** 2 + 2 * 2048   # MPT-1B block: 12 d^2 weights + 2 LayerNorm weights
