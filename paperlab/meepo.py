@@ -701,10 +701,10 @@ def scene_batch(scenes: Sequence[dict], grid_size: float, orders: Sequence[str] 
 
 # %% ../nbs/14_meepo.ipynb #6987a64f
 def tiny_config(mixer: str = "mamba", **kw) -> PointUNetConfig:
-    "The CPU experiment's U-Net: two stages (24, 48 channels), one decoder stage, one Hilbert order, 6 classes; only the mixer varies."
+    "The CPU experiment's U-Net: two stages (24, 48 channels), one decoder stage, one Hilbert order, 6 classes, d_state 1 (MEEPO's); only the mixer varies."
     base = dict(in_channels=3, order=("hilbert",), stride=(2,), enc_depths=(1, 1), enc_channels=(24, 48), enc_num_head=(2, 4),
                 enc_patch_size=(128, 128), dec_depths=(1,), dec_channels=(24,), dec_num_head=(2,), dec_patch_size=(128,),
-                mlp_ratio=2.0, drop_path=0.0, shuffle_orders=False, mixer=mixer, d_state=4, d_conv=4, expand=2.0, stem_kernel=3,
+                mlp_ratio=2.0, drop_path=0.0, shuffle_orders=False, mixer=mixer, d_state=1, d_conv=4, expand=2.0, stem_kernel=3,
                 num_classes=len(SCENE_CLASSES))
     return PointUNetConfig(**{**base, **kw})
 
