@@ -71,11 +71,14 @@ def machine_info() -> dict:
 
 
 def deterministic(threads: int = 1, seed: int | None = None) -> dict:
-    "Fix torch's thread count, use deterministic algorithms, optionally seed; return `machine_info()`."
+    "Fix torch's thread count, use deterministic algorithms, turn gradients on, optionally seed; return `machine_info()`."
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
+    # a chapter starts from torch's default grad mode even where a process ran another notebook first (nbdev_test
+    # runs several notebooks in each worker process, and a notebook may switch gradients off for its evaluations)
+    torch.set_grad_enabled(True)
     if seed is not None: seed_everything(seed)
     return machine_info()
 
