@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from paperlab.data import COLOR_NAMES, PALETTE, SHAPE_CLASSES, shape_mask
-from paperlab.vlm import (QUESTION_KINDS, cell_name, VLM_SIZES, TinyVLM, Vocab, aggregate_attention, attention_map, drop_visual_tokens,
+from paperlab.vlm import (QUESTION_KINDS, GridQAConfig, cell_name, VLM_SIZES, TinyVLM, Vocab, aggregate_attention, attention_map, drop_visual_tokens,
                           generate, grid_question, grid_scene, keep_count, make_qa, sequence_keep_index, top_visual,
                           train_vlm)
 
@@ -34,8 +34,11 @@ def test_board_pixels_and_relevance():
     s = grid_scene(rng)
     img = s["image"].permute(1, 2, 0).numpy()
     for (r, c), (shp, colour) in s["cells"].items():
-        patch = img[r * 4:(r + 1) * 4, c * 4:(c + 1) * 4]
-        np.testing.assert_allclose(patch[shape_mask(shp, 4)], np.broadcast_to(PALETTE[colour], (shape_mask(shp, 4).sum(), 3)))
+        k = GridQAConfig().cell
+        patch = img[r * k:(r + 1) * k, c * k:(c + 1) * k]
+        np.testing.assert_allclose(patch[shape_mask(shp, k)], np.broadcast_to(PALETTE[colour], (shape_mask(shp, k).sum(), 3)))
+    # every shape class is distinguishable at the board's cell size (at 4 pixels circle and cross coincide)
+    assert len({shape_mask(i, GridQAConfig().cell).tobytes() for i in range(len(SHAPE_CLASSES))}) == len(SHAPE_CLASSES)
     q, a, cells = grid_question(s, "count", rng)
     assert sorted(cells) == sorted(r * 6 + c for r, c in s["cells"]) and int(a) == len(s["cells"])
     q, a, cells = grid_question(s, "where", rng)
