@@ -680,5 +680,5 @@ class FlamingoLLM(nn.Module):
 
 
 def calvin_text_tokens(instruction: str) -> int:
-    "Tokens of the official prompt '<image>{instruction}<|endofchunk|><eos>', counting one token per word (an estimate; MPT's GPT-NeoX tokenizer is not available offline)."
+    "Tokens of the official prompt `<image>{instruction}<|endofchunk|><eos>`, counting one token per word (an estimate; MPT's GPT-NeoX tokenizer is not available offline)."
     return len(instruction.split()) + 3
