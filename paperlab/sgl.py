@@ -15,17 +15,21 @@ from torch import Tensor, nn
 
 from .core import count_flops
 from .vlm import (QABatch, TinyVLM, Vocab, answer_strings, attention_map, drop_visual_tokens, generate, keep_count,
+                          reduce_visual_tokens,
                           confidence as vlm_confidence,
                           last_token_attention, top_visual)
 
 # %% auto #0
-__all__ = ['RANKINGS', 'INTERNVL2', 'MODEL_CARD_PARAMS', 'RETENTIONS', 'Answers', 'answer', 'aggregated_scores', 'fastv_scores',
-           'random_scores', 'recall_at', 'topk_overlap', 'rank_correlation', 'consistency', 'fuse', 'exit_curve',
-           'random_routing', 'curve_area', 'InternVL2Config', 'build_internvl2', 'prefill_flops',
+__all__ = ['RANKINGS', 'TOME', 'METHODS', 'INTERNVL2', 'MODEL_CARD_PARAMS', 'RETENTIONS', 'Answers', 'answer',
+           'aggregated_scores', 'fastv_scores', 'random_scores', 'bipartite_match', 'merge_wavg', 'tome_reduce',
+           'layer_keys', 'merge_visual_tokens', 'recall_at', 'topk_overlap', 'rank_correlation', 'consistency', 'fuse',
+           'exit_curve', 'random_routing', 'curve_area', 'InternVL2Config', 'build_internvl2', 'prefill_flops',
            'prefill_flops_formula', 'run_pair']
 
 # %% ../nbs/31_sgl.ipynb #94dbec71
 RANKINGS = ("SGL (small, aggregated)", "oracle (large, aggregated)", "FastV (large, layer K-1)", "random")
+TOME = "ToMe (large, merge at K)"  # merges instead of ranking: no recall
+METHODS = (*RANKINGS, TOME)
 
 
 @dataclass
@@ -46,12 +50,14 @@ def _batches(n: int, batch_size: int):
 
 @torch.no_grad()
 def answer(model: TinyVLM, data: QABatch, vocab: Vocab, keep_vis: Tensor | None = None, layer: int | None = None,
-           max_new_tokens: int = 6, batch_size: int = 200) -> Answers:
-    "Greedy answers of `model` on `data`, with visual tokens outside `keep_vis` (N, k) dropped at `layer` when given."
+           max_new_tokens: int = 6, batch_size: int = 200, merge_to: int | None = None) -> Answers:
+    "Greedy answers of `model` on `data`, with visual tokens outside `keep_vis` (N, k) dropped at `layer` when given, or merged ToMe-style down to `merge_to` tokens at `layer`."
+    if keep_vis is not None and merge_to is not None: raise ValueError("give keep_vis (pruning) or merge_to (ToMe), not both")
     parts = []
     for sl in _batches(len(data), batch_size):
         b = data[sl]
-        ctx = drop_visual_tokens(model, keep_vis[sl], layer) if keep_vis is not None else contextlib.nullcontext()
+        ctx = (drop_visual_tokens(model, keep_vis[sl], layer) if keep_vis is not None
+               else merge_visual_tokens(model, merge_to, layer) if merge_to is not None else contextlib.nullcontext())
         with ctx:
             g = generate(model, b.images, b.questions(), b.q_len, max_new_tokens, vocab.eos_id, vocab.pad_id)
         truth = [vocab.decode(a) for a in b.answer_ids()]
@@ -80,6 +86,65 @@ def fastv_scores(model: TinyVLM, data: QABatch, layer: int, batch_size: int = 20
 def random_scores(n: int, n_vis: int, seed: int) -> Tensor:
     "A random ranking (n, n_vis), seeded."
     return torch.rand(n, n_vis, generator=torch.Generator().manual_seed(seed))
+
+# %% ../nbs/31_sgl.ipynb #7a0e0002
+def bipartite_match(metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    "ToMe's bipartite soft matching of tokens (B, t, c): A = even, B = odd tokens, cosine similarity; the r = min(r, t // 2) A tokens with the most similar B match merge. Returns (unmerged A (B, t_A - r), merged A (B, r), their B matches (B, r)), all indices into A or B."
+    if r < 0: raise ValueError(f"r (tokens to merge) must be >= 0, got {r}")
+    r = min(r, metric.shape[1] // 2)
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)  # (B, t_A, t_B)
+    best, match = scores.max(-1)
+    order = best.argsort(-1, descending=True)
+    src = order[:, :r]
+    return order[:, r:], src, match.gather(1, src)
+
+
+def merge_wavg(x: Tensor, size: Tensor, unm: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+    "Merge tokens x (B, t, c) of sizes (B, t, 1) by the match of `bipartite_match`: each B token becomes the size-weighted mean of itself and the A tokens merged into it. Output [unmerged A tokens, all B tokens] (B, t - r, c) and their sizes."
+    if src.shape[1] == 0: return x * size / size, size  # r = 0: the official merge is the identity (in order), then the same weighting
+    def merge(v: Tensor) -> Tensor:
+        a, b = v[:, ::2], v[:, 1::2]
+        c = v.shape[-1]
+        kept = a.gather(1, unm[..., None].expand(-1, -1, c))
+        b = b.scatter_reduce(1, dst[..., None].expand(-1, -1, c), a.gather(1, src[..., None].expand(-1, -1, c)), reduce="sum")
+        return torch.cat([kept, b], 1)
+    total = merge(size)
+    return merge(x * size) / total, total
+
+
+def tome_reduce(x: Tensor, metric_fn, k: int, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    "Merge tokens x (B, n, c) down to k by rounds of ToMe matching (each merges min(n - k, n // 2), the most one round can), the metric recomputed by `metric_fn(x)` after each round. A merged token takes its B token's position; tokens stay sorted by position. Returns (x (B, k, c), sizes (B, k, 1), positions (B, k))."
+    B, n, _ = x.shape
+    if not 1 <= k <= n: raise ValueError(f"kept count k={k} must lie in 1..{n}")
+    pos = torch.arange(n).expand(B, -1) if positions is None else positions
+    size = torch.ones(B, n, 1, dtype=x.dtype)
+    while x.shape[1] > k:
+        n = x.shape[1]
+        unm, src, dst = bipartite_match(metric_fn(x), min(n - k, n // 2))
+        x, size = merge_wavg(x, size, unm, src, dst)
+        pos = torch.cat([pos[:, ::2].gather(1, unm), pos[:, 1::2]], 1)
+        order = pos.argsort(1)
+        x, size, pos = (t.gather(1, order.view(B, -1, *([1] * (t.ndim - 2))).expand_as(t)) for t in (x, size, pos))
+    return x, size, pos
+
+
+def layer_keys(layer: nn.Module, x: Tensor) -> Tensor:
+    "ToMe's metric inside a Llama decoder layer: the keys of its attention before RoPE (ToMe's ViT has none), mean over key heads: (B, n, head_dim)."
+    k = layer.self_attn.k_proj(layer.input_layernorm(x))
+    return k.view(*x.shape[:2], -1, layer.self_attn.head_dim).mean(2)
+
+
+def merge_visual_tokens(model: nn.Module, keep: int, layer: int, layout: slice | None = None):
+    "Inside, the LM of `model` merges its visual tokens ToMe-style down to `keep` tokens before decoder `layer` (keys of that layer as the metric, size-weighted means); text tokens stay unmerged; a merged token takes its B token's position."
+    def reducer(hs: Tensor, module: nn.Module, layout: slice) -> tuple[Tensor, Tensor]:
+        vis, _, pos = tome_reduce(hs[:, layout], lambda x: layer_keys(module, x), keep)
+        B = len(hs)
+        idx = torch.cat([torch.arange(layout.start).expand(B, -1), pos + layout.start,
+                         torch.arange(layout.stop, hs.shape[1]).expand(B, -1)], 1)
+        return torch.cat([hs[:, :layout.start], vis, hs[:, layout.stop:]], 1), idx
+    return reduce_visual_tokens(model, layer, reducer, layout)
+
 
 # %% ../nbs/31_sgl.ipynb #9b6be009
 def recall_at(scores: Tensor, relevant: Tensor, retention: float) -> Tensor:
@@ -237,7 +302,7 @@ RETENTIONS = (0.64, 0.35, 0.09)
 @torch.no_grad()
 def run_pair(small: TinyVLM, large: TinyVLM, data: QABatch, vocab: Vocab, retentions=RETENTIONS, seed: int = 0,
              layer: int | None = None, consistency_ratio: float = 0.05) -> dict:
-    "Everything the chapter measures for one (small, large) pair on `data`: scores of each ranking, accuracies at each retention, recalls, overlaps, exit scores."
+    "Everything the chapter measures for one (small, large) pair on `data`: scores of each ranking, accuracies at each retention (and ToMe's), recalls, overlaps, exit scores."
     layer = large.cfg.prune_layer if layer is None else layer
     if not 0 <= layer < large.cfg.num_layers:
         raise ValueError(f"pruning layer {layer!r} is beyond the large model's depth {large.cfg.num_layers}")
@@ -252,6 +317,8 @@ def run_pair(small: TinyVLM, large: TinyVLM, data: QABatch, vocab: Vocab, retent
         for r in retentions:
             acc[(name, r)] = answer(large, data, vocab, top_visual(s, r), layer).correct
             recall[(name, r)] = recall_at(s, data.relevant, r)
+    for r in retentions:
+        acc[(TOME, r)] = answer(large, data, vocab, layer=layer, merge_to=keep_count(large.cfg.n_vis, r)).correct
     conf = vlm_confidence(small_ans.max_prob, small_ans.n_gen)
     cons = consistency(small, data, small_ans, scores[RANKINGS[0]], consistency_ratio)
     return {"scores": scores, "small": small_ans.correct, "large": large_ans.correct, "acc": acc, "recall": recall,

@@ -1,11 +1,12 @@
-"""SGL chapter: official aggregation and pruning (golden), 100 % retention is exact, planted tokens recovered, consistency by hand, full-size counts, bad inputs."""
+"""SGL chapter: official aggregation and pruning (golden), ToMe against the official code (golden) and by hand, 100 % retention is exact, planted tokens recovered, consistency by hand, full-size counts, bad inputs."""
 import numpy as np
 import pytest
 import torch
 
 from paperlab.core import repo_root
-from paperlab.sgl import (INTERNVL2, RANKINGS, answer, build_internvl2, consistency, fuse, prefill_flops,
-                          prefill_flops_formula, recall_at, run_pair, topk_overlap)
+from paperlab.sgl import (INTERNVL2, RANKINGS, TOME, answer, bipartite_match, build_internvl2, consistency, fuse,
+                          layer_keys, merge_visual_tokens, merge_wavg, prefill_flops, prefill_flops_formula, recall_at,
+                          run_pair, tome_reduce, topk_overlap)
 from paperlab.vlm import VLM_SIZES, TinyVLM, Vocab, aggregate_attention, keep_count, make_qa, sequence_keep_index, top_visual
 
 GOLD = repo_root() / "data/sgl/golden/official_aggregation_pruning.npz"
@@ -95,3 +96,46 @@ def test_bad_inputs(pair):
     with pytest.raises(ValueError, match="retention"): run_pair(small, large, d, v, retentions=(0.0,))
     with pytest.raises(ValueError, match="fuse"): fuse(torch.ones(1), torch.ones(1), "max")
     assert RANKINGS[0].startswith("SGL")
+
+
+def test_tome_golden_and_by_hand():
+    g = np.load(repo_root() / "data/sgl/golden/official_tome.npz")
+    metric, x, size = (torch.from_numpy(g[k]) for k in ("metric", "x", "size"))
+    for r in (0, 2, 5, 9):
+        y, s = merge_wavg(x, size, *bipartite_match(metric, r))
+        np.testing.assert_array_equal(y.numpy(), g[f"x_r{r}"])
+        np.testing.assert_array_equal(s.numpy(), g[f"size_r{r}"])
+    # two tokens with the same key direction merge into their size-weighted mean; the result sits in B's slot
+    xh = torch.tensor([[[4.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    mh = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, -1.0]]])
+    y, s = merge_wavg(xh, torch.tensor([[[3.0], [1.0], [1.0], [1.0]]]), *bipartite_match(mh, 1))
+    torch.testing.assert_close(y, torch.tensor([[[0.0, 1.0], [3.25, 0.0], [5.0, 5.0]]]))
+    assert s.flatten().tolist() == [1.0, 4.0, 1.0]
+    torch.testing.assert_close(merge_wavg(xh, torch.ones(1, 4, 1), *bipartite_match(mh, 0))[0], xh)
+    y, s, pos = tome_reduce(xh, lambda v: v, 2)
+    assert pos.tolist() == [[1, 3]] and s.flatten().tolist() == [2.0, 2.0]  # token 0 joins token 1, token 2 joins token 3
+    torch.testing.assert_close(y, torch.tensor([[[2.5, 0.0], [2.5, 3.0]]]))
+    with pytest.raises(ValueError, match="k=5"): tome_reduce(xh, lambda v: v, 5)
+
+
+def test_tome_in_the_language_model_matches_a_manual_merge(pair):
+    _, large = pair
+    d = make_qa(3, seed=7)
+    K, lm = large.cfg.prune_layer, large.lm.model
+    with torch.no_grad():
+        with merge_visual_tokens(large, 5, K):
+            got = large(d.images, d.text).logits
+        emb, layout = large.embed(d.images, d.text)
+        h = lm(inputs_embeds=emb, output_hidden_states=True).hidden_states[K]  # the input of layer K
+        vis, _, pos = tome_reduce(h[:, layout], lambda v: layer_keys(lm.layers[K], v), 5)
+        B, L = h.shape[:2]
+        h = torch.cat([h[:, :1], vis, h[:, layout.stop:]], 1)
+        P = torch.cat([torch.zeros(B, 1, dtype=torch.long), pos + 1, torch.arange(layout.stop, L).expand(B, -1)], 1)
+        assert (P.diff(1) > 0).all()  # merged tokens sit at their B token's position, in order
+        cos_sin = lm.rotary_emb(h, P)
+        m4 = torch.zeros(B, 1, P.shape[1], P.shape[1]).masked_fill(~torch.ones(P.shape[1], P.shape[1], dtype=torch.bool).tril(), torch.finfo(h.dtype).min)
+        for layer in lm.layers[K:]:
+            h = layer(h, attention_mask=m4, position_embeddings=cos_sin, position_ids=P)
+        ref = large.lm.lm_head(lm.norm(h))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert TOME.startswith("ToMe")
