@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .core import SpeedComparison, device_results
+
 # %% auto #0
 __all__ = ['LINEAR_KERNELS', 'ATTENTION', 'check_qkv', 'softmax_attention_weights', 'softmax_attention',
            'linear_attention_weights', 'linear_attention', 'inline_attention_weights', 'inline_attention_centred',
            'inline_attention', 'memory_floor', 'compiled_inline_attention', 'mediator_weights_pair',
            'mediator_attention_weights', 'mediator_attention', 'get_attention', 'attention_macs', 'check_heads',
-           'split_heads', 'merge_heads', 'QKVAttention']
+           'split_heads', 'merge_heads', 'QKVAttention', 'stored_gpu_attention']
 
 # %% ../nbs/04_attention.ipynb #332b5d30
 def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> None:
@@ -217,3 +219,13 @@ class QKVAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         "(B, N, C) -> (B, N, C)."
         return self.proj(merge_heads(self.mix(*self.heads(x))))
+
+# %% ../nbs/04_attention.ipynb #d6cff826
+def stored_gpu_attention(method: str) -> tuple[dict[tuple[str, int, int | None], SpeedComparison], list[dict], dict]:
+    "The stored GPU timings of `method` ('inline' or 'mediators'): {(dtype, N, M): SDPA-vs-method SpeedComparison}, the rows, the run's env."
+    if method not in ("inline", "mediators"): raise ValueError(f"method must be 'inline' or 'mediators', got {method!r}")
+    run = device_results("attention_cuda")
+    rows = [r for dtype in ("float32", "bfloat16") for r in run.get(dtype, []) if r["method"] == method]
+    comps = {(r["dtype"].removeprefix("torch."), r["N"], r["M"]): SpeedComparison(r["SDPA times (ms)"], r["method times (ms)"])
+             for r in rows}
+    return comps, rows, run["env"]

@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb #5ba781a8
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -25,8 +26,8 @@ from torch.utils._pytree import tree_flatten
 
 # %% auto #0
 __all__ = ['MODES', 'get_mode', 'by_mode', 'seed_everything', 'machine_info', 'deterministic', 'repo_root', 'results_dir',
-           'atomic_write', 'save_figure', 'count_params', 'FlopCount', 'count_flops', 'median_interval',
-           'SpeedComparison', 'compare_speed', 'speed_table', 'timed', 'timed_frame', 'peak_memory']
+           'atomic_write', 'save_figure', 'device_results', 'count_params', 'FlopCount', 'count_flops',
+           'median_interval', 'SpeedComparison', 'compare_speed', 'speed_table', 'timed', 'timed_frame', 'peak_memory']
 
 # %% ../nbs/00_core.ipynb #b797037b
 MODES = ("quick", "full")
@@ -122,6 +123,16 @@ def save_figure(fig, chapter: str, name: str) -> Path:
     return atomic_write(results_dir(chapter) / "figures" / f"{name}.png",
                         lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
 
+# %% ../nbs/00_core.ipynb #73298d4e
+def device_results(name: str) -> dict:
+    "A stored GPU measurement, `data/gpu/<name>.json` (written by `scripts/device_checks.sh`); its 'env' names the card and versions."
+    path = repo_root() / "data" / "gpu" / f"{name}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.json"))
+        raise FileNotFoundError(f"no stored GPU measurement {name!r} in data/gpu/ (have {known}); "
+                                "scripts/device_checks.sh makes them on a CUDA machine")
+    return json.loads(path.read_text())
+
 # %% ../nbs/00_core.ipynb #505f56b0
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     "Number of parameters of `model` (shared parameters counted once)."
@@ -212,10 +223,13 @@ class SpeedComparison:
 
 
 def _time_once(fn: Callable, inputs: Sequence[Any]) -> float:
-    "Wall-clock seconds of one call of `fn(*inputs)` under `no_grad`."
+    "Wall-clock seconds of one call of `fn(*inputs)` under `no_grad` (CUDA work included: the device is synchronised around it)."
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     with torch.no_grad():
+        sync()
         t0 = time.perf_counter()
         fn(*inputs)
+        sync()
         return time.perf_counter() - t0
 
 

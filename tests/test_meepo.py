@@ -331,3 +331,18 @@ def test_golden_ptv3_forward():
     bad = dict(state)                                                        # sensitivity: swap two blocks' qkv biases
     bad["enc.0.0.mixer.qkv.bias"], bad["dec.1.1.mixer.qkv.bias"] = state["dec.1.1.mixer.qkv.bias"], state["enc.0.0.mixer.qkv.bias"]
     assert (run(bad) - ref).abs().max() > 1e-2
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and __import__("paperlab.ssm").ssm.has_cuda_kernel()),
+                    reason="needs CUDA and mamba-ssm's compiled selective_scan_cuda")
+def test_cuda_mixer_kernel_equals_chunked(monkeypatch):
+    import paperlab.ssm
+    torch.manual_seed(0)
+    mixer = MambaMixer(48, d_state=16, causal=False, directions=((False, 1), (True, 2))).cuda()
+    x = torch.randn(2, 700, 48, device="cuda")
+    mask = torch.ones(2, 700, dtype=torch.bool, device="cuda"); mask[1, 500:] = False
+    with torch.no_grad():
+        y_kernel = mixer(x, mask)
+        monkeypatch.setattr(paperlab.ssm, "has_cuda_kernel", lambda: False)
+        y_torch = mixer(x, mask)
+    torch.testing.assert_close(y_kernel, y_torch, atol=1e-4 * float(y_torch.abs().max()), rtol=1e-3)

@@ -121,3 +121,26 @@ def test_cuda_kernel_matches_chunked():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
     cpu = selective_scan_sequential(**{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()})
     torch.testing.assert_close(out.cpu().double(), cpu, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not has_cuda_kernel(), reason="needs CUDA and mamba-ssm's compiled selective_scan_cuda")
+@pytest.mark.parametrize("L,n", [(257, 1), (3000, 16)])
+def test_cuda_kernel_gradients_match_chunked(L, n):
+    kw = {k: (v.float().cuda().requires_grad_(True) if torch.is_tensor(v) else v) for k, v in inputs(b=2, d=24, L=L, n=n).items()}
+    leaves = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    grads = {}
+    for backend in ("cuda", "torch"):
+        out = selective_scan(**kw, backend=backend)
+        grads[backend] = torch.autograd.grad((out * torch.linspace(-1, 1, L, device="cuda")).sum(), leaves)
+    for gk, gt in zip(grads["cuda"], grads["torch"]):
+        torch.testing.assert_close(gk, gt, atol=1e-3 * float(gt.abs().max()), rtol=1e-3)
+
+
+@pytest.mark.skipif(not has_cuda_kernel(), reason="needs CUDA and mamba-ssm's compiled selective_scan_cuda")
+def test_cuda_kernel_bfloat16_input_close_to_float32():
+    kw = {k: (v.float().cuda() if torch.is_tensor(v) else v) for k, v in inputs(b=1, d=32, L=1000, n=4).items()}
+    low = {k: (v.bfloat16() if torch.is_tensor(v) and k in ("u", "delta", "B", "C", "z") else v) for k, v in kw.items()}
+    out = selective_scan(**low)
+    assert out.dtype == torch.bfloat16
+    ref = selective_scan(**kw, backend="torch")
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
