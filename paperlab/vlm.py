@@ -19,13 +19,13 @@ from .core import atomic_write, get_mode, results_dir, seed_everything
 from .data import COLOR_NAMES, PALETTE, SHAPE_CLASSES, shape_mask
 
 # %% auto #0
-__all__ = ['SPECIALS', 'QA_WORDS', 'QUESTION_KINDS', 'N_CELL_CLASSES', 'VLM_SIZES', 'VISION_FIELDS', 'BOOK_BOARDS', 'BOOK_KINDS',
-           'VLM_STEPS', 'VISION_STEPS', 'ALIGN_STEPS', 'VLM_BATCH', 'TRAIN_SIZE', 'QUICK_STEPS', 'cell_name',
-           'row_name', 'Vocab', 'GridQAConfig', 'grid_scene', 'grid_question', 'QABatch', 'cell_label', 'make_qa',
-           'VLMConfig', 'TinyVLM', 'full_mask', 'check_pruning', 'keep_count', 'top_visual', 'sequence_keep_index',
-           'reduce_visual_tokens', 'drop_visual_tokens', 'generate', 'answer_strings', 'confidence',
-           'aggregate_attention', 'attention_map', 'last_token_attention', 'answer_loss', 'cell_loss',
-           'pretrain_vision', 'align_projector', 'train_vlm', 'accuracy', 'book_qa', 'book_vlm']
+__all__ = ['SPECIALS', 'QA_WORDS', 'QUESTION_KINDS', 'N_CELL_CLASSES', 'VLM_SIZES', 'BOOK_BOARDS', 'BOOK_KINDS', 'VLM_STEPS',
+           'VISION_STEPS', 'VLM_BATCH', 'VLM_LR', 'TRAIN_SIZE', 'QUICK_STEPS', 'cell_name', 'row_name', 'Vocab',
+           'GridQAConfig', 'grid_scene', 'grid_question', 'QABatch', 'cell_label', 'make_qa', 'VLMConfig', 'TinyVLM',
+           'full_mask', 'check_pruning', 'keep_count', 'top_visual', 'sequence_keep_index', 'reduce_visual_tokens',
+           'drop_visual_tokens', 'generate', 'answer_strings', 'confidence', 'aggregate_attention', 'attention_map',
+           'last_token_attention', 'answer_loss', 'cell_loss', 'pretrain_vision', 'train_vlm', 'accuracy', 'book_qa',
+           'book_vlm']
 
 # %% ../nbs/09_vlm.ipynb #40fc5dc6
 SPECIALS = ("<pad>", "<bos>", "<eos>")
@@ -477,62 +477,38 @@ def _hash(*parts, tensors: Sequence[Tensor] = ()) -> str:
     return h.hexdigest()[:12]
 
 
-VISION_FIELDS = ("image_size", "patch_size", "vision_width", "vision_depth", "vision_heads")
-
-
-def pretrain_vision(cfg: VLMConfig, data: QABatch, steps: int, seed: int = 0, lr: float = 3e-3, batch_size: int = 64,
-                    mode: str | None = None, cache: bool = True, progress: bool = True) -> dict[str, Tensor]:
-    "Stage 1, vision pre-training: the ViT of `TinyVLM(cfg)` (seeded) and a linear per-patch head learn each cell's content (`data.cells`, `N_CELL_CLASSES` classes) for `steps` steps. Returns the ViT's state dict, cached by a hash of the vision config, data and recipe (so both sizes share it)."
+def pretrain_vision(model: TinyVLM, data: QABatch, steps: int, seed: int = 0, lr: float = 3e-3, batch_size: int = 64,
+                    freeze_vision: bool = False, progress: bool = True) -> None:
+    "Stage 1, in place: the ViT and the projector of `model`, with a linear head per visual token on the projector's output (the LM's space), learn each cell's content (`data.cells`, `N_CELL_CLASSES` classes) for `steps` AdamW steps. `freeze_vision=True` trains the projector alone (InternVL's projector alignment)."
     if data.cells is None: raise ValueError("pretrain_vision needs cell labels: build the data with make_qa")
-    vis_cfg = {k: getattr(cfg, k) for k in VISION_FIELDS}
-    path = results_dir("vlm") / "models" / f"vision-seed{seed}-{get_mode(mode)}-{_hash(vis_cfg, steps, seed, lr, batch_size, tensors=(data.images, data.cells))}.pt"
-    if cache and path.exists(): return torch.load(path, map_location="cpu")
-    seed_everything(seed)
-    vision = TinyVLM(cfg).vision  # the same initial weights as the model's own tower for this seed
-    head = nn.Linear(cfg.vision_width, N_CELL_CLASSES)
-    vision.train()
-    _fit([*vision.parameters(), *head.parameters()],
-         lambda idx: cell_loss(vision.forward_features(data.images[idx]), head, data.cells[idx]),
-         len(data), steps, seed + 1000, lr, batch_size, f"vision pre-training seed {seed}", progress)
-    state = {k: v.detach().clone() for k, v in vision.state_dict().items()}
-    if cache: atomic_write(path, lambda p: torch.save(state, p))
-    return state
-
-
-def align_projector(model: TinyVLM, data: QABatch, steps: int, seed: int = 0, lr: float = 3e-3, batch_size: int = 64,
-                    progress: bool = True) -> None:
-    "Stage 2, projector alignment: the vision tower frozen, the projector and a linear per-token head on its output (the LM's space) learn each cell's content (in place)."
     head = nn.Linear(model.cfg.hidden_size, N_CELL_CLASSES)
-    model.vision.requires_grad_(False)
+    params = [*model.projector.parameters(), *head.parameters()] + ([] if freeze_vision else [*model.vision.parameters()])
+    frozen = [p for p in model.vision.parameters() if freeze_vision and p.requires_grad]
+    for p in frozen: p.requires_grad_(False)
     try:
-        _fit([*model.projector.parameters(), *head.parameters()],
-             lambda idx: cell_loss(model.encode_image(data.images[idx]), head, data.cells[idx]),
-             len(data), steps, seed + 2000, lr, batch_size, "projector alignment", progress)
+        _fit(params, lambda idx: cell_loss(model.encode_image(data.images[idx]), head, data.cells[idx]),
+             len(data), steps, seed + 1000, lr, batch_size, "vision pre-training", progress)
     finally:
-        model.vision.requires_grad_(True)
+        for p in frozen: p.requires_grad_(True)
 
 
 def train_vlm(cfg: VLMConfig, data: QABatch, steps: int, seed: int = 0, lr: float = 3e-3, batch_size: int = 64,
               name: str = "vlm", mode: str | None = None, cache: bool = True, progress: bool = True,
-              vision_steps: int = 0, align_steps: int = 0) -> TinyVLM:
-    "Train a `TinyVLM(cfg)`: stage 1 `pretrain_vision` (`vision_steps`, 0 skips it), stage 2 `align_projector` (`align_steps`), stage 3 every weight on the answers for `steps` AdamW steps (cosine lr, seeded); cached in results/vlm per (name, seed, mode, hash of config, data and recipe)."
-    for nm, v in (("steps", steps), ("vision_steps", vision_steps), ("align_steps", align_steps)):
-        if not isinstance(v, int) or v < (1 if nm == "steps" else 0): raise ValueError(f"{nm} must be a {'positive' if nm == 'steps' else 'non-negative'} int, got {v!r}")
+              vision_steps: int = 0, freeze_vision: bool = False, vision_lr: float = 3e-3) -> TinyVLM:
+    "Train a `TinyVLM(cfg)` (seeded): stage 1 `pretrain_vision` for `vision_steps` steps at `vision_lr` (0 steps skips it), stage 2 every weight on the answers for `steps` AdamW steps at `lr` (warm-up, cosine decay); cached in results/vlm per (name, seed, mode, hash of config, data and recipe)."
+    for nm, v, lo in (("steps", steps, 1), ("vision_steps", vision_steps, 0)):
+        if not isinstance(v, int) or v < lo: raise ValueError(f"{nm} must be an int >= {lo}, got {v!r}")
     mode = get_mode(mode)
-    key = _hash(asdict(cfg), steps, seed, lr, batch_size, vision_steps, align_steps,
-                tensors=(data.images, data.text, data.q_len, data.a_len))
+    key = _hash(asdict(cfg), steps, seed, lr, batch_size, vision_steps, freeze_vision, vision_lr,
+                tensors=(data.images, data.text, data.q_len, data.a_len) + ((data.cells,) if vision_steps else ()))
     path = results_dir("vlm") / "models" / f"{name}-seed{seed}-{mode}-{key}.pt"
-    if cache and path.exists():
-        seed_everything(seed)
-        model = TinyVLM(cfg)
-        model.load_state_dict(torch.load(path, map_location="cpu"))
-        return model.eval()
-    vision = pretrain_vision(cfg, data, vision_steps, seed, lr, 64, mode, cache, progress) if vision_steps else None
     seed_everything(seed)
     model = TinyVLM(cfg)
-    if vision is not None: model.vision.load_state_dict(vision)
+    if cache and path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        return model.eval()
     model.train()
-    if align_steps: align_projector(model, data, align_steps, seed, lr, 64, progress)
+    if vision_steps: pretrain_vision(model, data, vision_steps, seed, vision_lr, 64, freeze_vision, progress)
     _fit(model.parameters(), lambda idx: answer_loss(model, data[idx]), len(data), steps, seed, lr, batch_size,
          f"train {name} seed {seed}", progress)
     model.eval()
@@ -560,8 +536,9 @@ def accuracy(model: TinyVLM, data: QABatch, vocab: Vocab, keep_vis: Tensor | Non
 BOOK_BOARDS = GridQAConfig(background=0.0)  # the boards the book trains and tests on: two to four shapes on black
 BOOK_KINDS = ("colour",)                                 # the question kinds the book trains on (see the table below)
 VLM_STEPS = {"small": 300, "large": 250}  # full-mode QA steps per size (31_sgl trains both for 3 seeds within its 5-minute budget)
-VISION_STEPS, ALIGN_STEPS = 150, 50       # full-mode stage 1 and stage 2 steps
+VISION_STEPS = 150                        # full-mode stage-1 steps (64 boards each)
 VLM_BATCH = 32                             # boards per step
+VLM_LR = 1.5e-3                            # QA learning rate (3e-3 left some seeds at the prior in side runs)
 TRAIN_SIZE = 4000                          # full-mode training boards (quick: 256)
 QUICK_STEPS = 6                            # quick mode: a few steps per stage, for tests only
 
@@ -573,13 +550,12 @@ def book_qa(n: int, seed: int, kinds: Sequence[str] | None = None) -> QABatch:
 
 def book_vlm(size: str, seed: int = 0, mode: str | None = None, progress: bool | None = None,
              kinds: Sequence[str] | None = None) -> TinyVLM:
-    "The book's trained `VLM_SIZES[size]`: `train_vlm` on `book_qa(TRAIN_SIZE, seed=1)` with `VISION_STEPS`, `ALIGN_STEPS` and `VLM_STEPS[size]` steps of `VLM_BATCH` boards (quick: 256 boards, `QUICK_STEPS` per stage), cached."
+    "The book's trained `VLM_SIZES[size]`: `train_vlm` on `book_qa(TRAIN_SIZE, seed=1)` with `VISION_STEPS` of stage 1 and `VLM_STEPS[size]` QA steps of `VLM_BATCH` boards (quick: 256 boards, `QUICK_STEPS` per stage), cached."
     if size not in VLM_SIZES: raise ValueError(f"unknown size {size!r}: expected one of {list(VLM_SIZES)}")
     quick = get_mode(mode) == "quick"
     # progress bars in full mode only: a quick run trains for a few steps, and whether it trains at all depends on
     # whether another notebook filled the shared cache first, so its outputs must not show it (nbval compares them)
     if progress is None: progress = not quick
     data = book_qa(256 if quick else TRAIN_SIZE, seed=1, kinds=kinds)
-    return train_vlm(VLM_SIZES[size], data, QUICK_STEPS if quick else VLM_STEPS[size], seed=seed, batch_size=VLM_BATCH,
-                     name=size, mode=mode, progress=progress, vision_steps=QUICK_STEPS if quick else VISION_STEPS,
-                     align_steps=QUICK_STEPS if quick else ALIGN_STEPS)
+    return train_vlm(VLM_SIZES[size], data, QUICK_STEPS if quick else VLM_STEPS[size], seed=seed, lr=VLM_LR, batch_size=VLM_BATCH,
+                     name=size, mode=mode, progress=progress, vision_steps=QUICK_STEPS if quick else VISION_STEPS)

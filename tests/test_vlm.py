@@ -6,7 +6,7 @@ import torch
 from paperlab.data import COLOR_NAMES, PALETTE, SHAPE_CLASSES, shape_mask
 from paperlab.vlm import (QUESTION_KINDS, GridQAConfig, cell_name, VLM_SIZES, TinyVLM, Vocab, aggregate_attention, attention_map, drop_visual_tokens,
                           generate, grid_question, grid_scene, keep_count, make_qa, sequence_keep_index, top_visual,
-                          train_vlm, N_CELL_CLASSES, align_projector, cell_label, cell_loss, pretrain_vision,
+                          train_vlm, N_CELL_CLASSES, cell_label, cell_loss, pretrain_vision,
                           reduce_visual_tokens)
 
 
@@ -168,30 +168,26 @@ def test_cell_labels_name_each_cells_content():
     with pytest.raises(ValueError, match="kind"): make_qa(4, kinds=("colour", "size"))
 
 
-def test_vision_pretraining_learns_cells_and_is_shared(tmp_path, monkeypatch):
-    monkeypatch.setenv("PAPERLAB_RESULTS", str(tmp_path))
+def test_vision_pretraining_learns_cells(tmp_path, monkeypatch):
     d = make_qa(64, seed=0)
     cfg = VLM_SIZES["small"]
     torch.manual_seed(0)
-    before = TinyVLM(cfg).vision
-    head = torch.nn.Linear(cfg.vision_width, N_CELL_CLASSES)
-    state = pretrain_vision(cfg, d, 40, seed=0, batch_size=32, progress=False)
-    after = TinyVLM(cfg).vision
-    after.load_state_dict(state)
-    # a linear probe fitted on the same few boards does better on the pre-trained features
-    def probe(vision):
-        with torch.no_grad(): f = vision.forward_features(d.images)
-        h = torch.nn.Linear(cfg.vision_width, N_CELL_CLASSES); h.load_state_dict(head.state_dict())
+    before = TinyVLM(cfg)
+    torch.manual_seed(0)
+    after = TinyVLM(cfg)
+    pretrain_vision(after, d, 40, seed=0, batch_size=32, progress=False)
+    head = torch.nn.Linear(cfg.hidden_size, N_CELL_CLASSES)
+    # a linear probe fitted on the same few boards does better on the pre-trained visual tokens
+    def probe(model):
+        with torch.no_grad(): f = model.encode_image(d.images)
+        h = torch.nn.Linear(cfg.hidden_size, N_CELL_CLASSES); h.load_state_dict(head.state_dict())
         opt = torch.optim.Adam(h.parameters(), lr=1e-2)
         for _ in range(30):
             loss = cell_loss(f, h, d.cells); opt.zero_grad(); loss.backward(); opt.step()
         return float(loss.detach())
     assert probe(after) < probe(before)
-    # both sizes share one vision tower: one cached stage-1 file serves them
-    pretrain_vision(VLM_SIZES["large"], d, 40, seed=0, batch_size=32, progress=False)
-    assert len(list(tmp_path.glob("vlm/models/vision-*.pt"))) == 1
-    with pytest.raises(ValueError, match="cell labels"):
-        pretrain_vision(cfg, d[:4].__class__(*[getattr(d[:4], k) for k in ("images", "text", "q_len", "a_len", "relevant", "kinds")]), 1)
+    no_cells = d[:4].__class__(*[getattr(d[:4], k) for k in ("images", "text", "q_len", "a_len", "relevant", "kinds")])
+    with pytest.raises(ValueError, match="cell labels"): pretrain_vision(after, no_cells, 1)
 
 
 def test_projector_alignment_freezes_the_vision_tower():
@@ -200,17 +196,19 @@ def test_projector_alignment_freezes_the_vision_tower():
     d = make_qa(16, seed=0)
     vis = [p.detach().clone() for p in m.vision.parameters()]
     proj = [p.detach().clone() for p in m.projector.parameters()]
-    align_projector(m, d, 3, batch_size=8, progress=False)
+    pretrain_vision(m, d, 3, batch_size=8, freeze_vision=True, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(vis, m.vision.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(proj, m.projector.parameters()))
     assert all(p.requires_grad for p in m.vision.parameters())
+    pretrain_vision(m, d, 3, batch_size=8, progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(vis, m.vision.parameters()))
 
 
 def test_staged_training_cache_and_identity_reducer(tmp_path, monkeypatch, small, data):
     monkeypatch.setenv("PAPERLAB_RESULTS", str(tmp_path))
     d = make_qa(32, seed=0)
-    a = train_vlm(VLM_SIZES["small"], d, 2, seed=1, batch_size=8, progress=False, vision_steps=2, align_steps=2)
-    b = train_vlm(VLM_SIZES["small"], d, 2, seed=1, batch_size=8, progress=False, vision_steps=2, align_steps=2)
+    a = train_vlm(VLM_SIZES["small"], d, 2, seed=1, batch_size=8, progress=False, vision_steps=2)
+    b = train_vlm(VLM_SIZES["small"], d, 2, seed=1, batch_size=8, progress=False, vision_steps=2)
     for p, q in zip(a.parameters(), b.parameters()): assert torch.equal(p, q)
     with pytest.raises(ValueError, match="vision_steps"): train_vlm(VLM_SIZES["small"], d, 1, vision_steps=-1)
     # a reducer that keeps every token unchanged is the unpruned model, bit for bit
