@@ -8,9 +8,10 @@ Writes JSON files into OUT_DIR, each stamped with the card, driver, torch and CU
   full-size configuration) at the lengths and widths of each stage of PTv3-base on a ScanNet-size scene.
 - attention_cuda.json: InLine and the mediator token mixing against SDPA (FlashAttention in bfloat16) and against the
   memory floor, at the sizes of the chapters' CPU speed sections.
-The book reads the stored copies under data/<chapter>/gpu/.
+- inline_fps_cuda.json: whole-model images per second, Swin-T / DeiT-T against InLine-Swin-T / InLine-DeiT-T (Fig. 3).
+The book reads the stored copies under data/gpu/.
 
-    python3 scripts/device_bench.py OUT_DIR [ssm|meepo|attention]   (one step only)
+    python3 scripts/device_bench.py OUT_DIR [ssm|meepo|attention|inline_fps]   (one step only)
 """
 import json
 import os
@@ -157,13 +158,44 @@ def attention_speed(dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def inline_fps(dtype: torch.dtype) -> list[dict]:
+    """Whole-model throughput behind InLine's Fig. 3(b, c): Swin-T against InLine-Swin-T at windows 7, 14, 28, 56 (224 px),
+    DeiT-T against InLine-DeiT-T at 224, 384, 640, 1024 px; timm baselines, random weights, inference, images per second."""
+    import timm
+    from paperlab.inline import create_inline_model
+    cases = [(f"swin window {w}", lambda w=w: timm.create_model("swin_tiny_patch4_window7_224", window_size=w),
+              lambda w=w: create_inline_model("inline_swin_tiny", window_size=w), 224, 64) for w in (7, 14, 28, 56)] + \
+            [(f"deit {r}px", lambda r=r: timm.create_model("deit_tiny_patch16_224", img_size=r),
+              lambda r=r: create_inline_model("inline_deit_tiny", img_size=r), r, 64 if r <= 384 else 16) for r in (224, 384, 640, 1024)]
+    if SMOKE:                                                  # tiny stand-ins from the same builders, on CPU
+        cases = [("swin window 2", lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=2, embed_dim=12,
+                                                             num_heads=(1, 1, 1, 1)),
+                  lambda: create_inline_model("inline_swin_tiny", img_size=64, window_size=2, embed_dim=12, num_heads=(1, 1, 1, 1)), 64, 1),
+                 ("deit 32px", lambda: timm.create_model("deit_tiny_patch16_224", img_size=32, embed_dim=12, num_heads=1),
+                  lambda: create_inline_model("inline_deit_tiny", img_size=32, embed_dim=12, num_heads=1), 32, 1)]
+    rows = []
+    for name, make_base, make_inline, res, batch in cases:
+        torch.manual_seed(0)
+        base, inl = make_base().to(DEV).to(dtype).eval(), make_inline().to(DEV).to(dtype).eval()
+        x = torch.randn(batch, 3, res, res, device=DEV, dtype=dtype)
+        c = compare_speed(base, inl, x, repeats=2 if SMOKE else 10, warmup=1 if SMOKE else 3)
+        rows.append({"case": name, "resolution": res, "batch": batch, "dtype": str(dtype),
+                     "baseline (ms)": c.baseline_s * 1e3, "inline (ms)": c.candidate_s * 1e3,
+                     "baseline times (ms)": [t * 1e3 for t in c.baseline_times], "inline times (ms)": [t * 1e3 for t in c.candidate_times],
+                     "baseline FPS": batch / c.baseline_s, "inline FPS": batch / c.candidate_s, "FPS ratio": c.ratio, "interval": c.interval})
+        print({k: v for k, v in rows[-1].items() if "times" not in k}, flush=True)
+        del base, inl
+    return rows
+
+
 def main(out: str, only: str | None = None) -> None:
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     e = env(); print(e, flush=True)
     def save(name, payload): (out / name).write_text(json.dumps({"env": e, **payload}, indent=1))
     steps = [("ssm_cuda.json", lambda: {"errors": scan_errors(), "speed": scan_speed()}),
              ("meepo_cuda.json", lambda: {"float32": meepo_mixers(torch.float32), "bfloat16": meepo_mixers(torch.bfloat16)}),
-             ("attention_cuda.json", lambda: {"float32": attention_speed(torch.float32), "bfloat16": attention_speed(torch.bfloat16)})]
+             ("attention_cuda.json", lambda: {"float32": attention_speed(torch.float32), "bfloat16": attention_speed(torch.bfloat16)}),
+             ("inline_fps_cuda.json", lambda: {"float32": inline_fps(torch.float32), "bfloat16": inline_fps(torch.bfloat16)})]
     for name, step in steps:
         if only and not name.startswith(only): continue
         if not e["mamba_kernel"] and not SMOKE and name == "ssm_cuda.json":
