@@ -9,9 +9,10 @@ Writes JSON files into OUT_DIR, each stamped with the card, driver, torch and CU
 - attention_cuda.json: InLine and the mediator token mixing against SDPA (FlashAttention in bfloat16) and against the
   memory floor, at the sizes of the chapters' CPU speed sections.
 - inline_fps_cuda.json: whole-model images per second, Swin-T / DeiT-T against InLine-Swin-T / InLine-DeiT-T (Fig. 3).
+- sit_speed_cuda.json: whole-model forward, SiT-B/2 against SiT-B/2 with 16 mediators, 256 to 1024 px.
 The book reads the stored copies under data/gpu/.
 
-    python3 scripts/device_bench.py OUT_DIR [ssm|meepo|attention|inline_fps]   (one step only)
+    python3 scripts/device_bench.py OUT_DIR [ssm|meepo|attention|inline_fps|sit_speed]   (one step only)
 """
 import json
 import os
@@ -188,6 +189,31 @@ def inline_fps(dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def sit_speed(dtype: torch.dtype) -> list[dict]:
+    """Whole-model forward time behind the Mediators chapter's +45.4 % claim: SiT-B/2 (softmax attention through SDPA)
+    against SiT-B/2 with M = 16 mediators in every block, at 256, 512 and 1024 px (latents 32², 64², 128²), random weights."""
+    from paperlab.diffusion import DiT, dit_config
+    from paperlab.mediators import mediator_sit
+    cases = [(256, 32), (512, 16), (1024, 8)] if not SMOKE else [(64, 1)]
+    rows = []
+    for res, batch in cases:
+        side = res // 8
+        over = {"input_size": side} if not SMOKE else {"input_size": side, "hidden_size": 48, "depth": 2, "num_heads": 2}
+        torch.manual_seed(0)
+        base = DiT(dit_config("DiT-B/2", **over)).to(DEV).to(dtype).eval()
+        med = mediator_sit("SiT-B/2", 16, **over).to(DEV).to(dtype).eval()
+        x = torch.randn(batch, base.cfg.in_channels, side, side, device=DEV, dtype=dtype)
+        t, y = torch.rand(batch, device=DEV, dtype=dtype), torch.randint(0, 1000, (batch,), device=DEV)
+        c = compare_speed(base, med, x, t, y, repeats=2 if SMOKE else 10, warmup=1 if SMOKE else 3)
+        rows.append({"resolution": res, "latent": side, "tokens": (side // 2) ** 2, "batch": batch, "dtype": str(dtype),
+                     "SiT (ms)": c.baseline_s * 1e3, "mediator SiT (ms)": c.candidate_s * 1e3,
+                     "SiT times (ms)": [v * 1e3 for v in c.baseline_times], "mediator SiT times (ms)": [v * 1e3 for v in c.candidate_times],
+                     "speed-up": c.ratio, "interval": c.interval})
+        print({k: v for k, v in rows[-1].items() if "times" not in k}, flush=True)
+        del base, med
+    return rows
+
+
 def main(out: str, only: str | None = None) -> None:
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     e = env(); print(e, flush=True)
@@ -195,7 +221,8 @@ def main(out: str, only: str | None = None) -> None:
     steps = [("ssm_cuda.json", lambda: {"errors": scan_errors(), "speed": scan_speed()}),
              ("meepo_cuda.json", lambda: {"float32": meepo_mixers(torch.float32), "bfloat16": meepo_mixers(torch.bfloat16)}),
              ("attention_cuda.json", lambda: {"float32": attention_speed(torch.float32), "bfloat16": attention_speed(torch.bfloat16)}),
-             ("inline_fps_cuda.json", lambda: {"float32": inline_fps(torch.float32), "bfloat16": inline_fps(torch.bfloat16)})]
+             ("inline_fps_cuda.json", lambda: {"float32": inline_fps(torch.float32), "bfloat16": inline_fps(torch.bfloat16)}),
+             ("sit_speed_cuda.json", lambda: {"float32": sit_speed(torch.float32), "bfloat16": sit_speed(torch.bfloat16)})]
     for name, step in steps:
         if only and not name.startswith(only): continue
         if not e["mamba_kernel"] and not SMOKE and name == "ssm_cuda.json":

@@ -19,7 +19,7 @@ def test_device_bench_smoke_attention(tmp_path):
 
 
 def test_stored_runs_name_their_card_and_agree_with_their_rows():
-    for name in ("ssm_cuda", "meepo_cuda", "attention_cuda", "inline_fps_cuda"):
+    for name in ("ssm_cuda", "meepo_cuda", "attention_cuda", "inline_fps_cuda", "sit_speed_cuda"):
         run = device_results(name)
         assert run["env"]["card"].startswith("NVIDIA") and run["env"]["torch"]
     meepo = device_results("meepo_cuda")
