@@ -226,6 +226,6 @@ def stored_gpu_attention(method: str) -> tuple[dict[tuple[str, int, int | None],
     if method not in ("inline", "mediators"): raise ValueError(f"method must be 'inline' or 'mediators', got {method!r}")
     run = device_results("attention_cuda")
     rows = [r for dtype in ("float32", "bfloat16") for r in run.get(dtype, []) if r["method"] == method]
-    comps = {(r["dtype"].removeprefix("torch."), r["N"], r["M"]): SpeedComparison(r["SDPA times (ms)"], r["method times (ms)"])
+    comps = {(r["dtype"].removeprefix("torch."), r["N"], r["M"]): SpeedComparison.from_stored(r["SDPA times (ms)"], r["method times (ms)"], run["env"]["card"])
              for r in rows}
     return comps, rows, run["env"]

@@ -189,10 +189,16 @@ class SpeedComparison:
     baseline_times: list[float]
     candidate_times: list[float]
     threads: int = field(default_factory=torch.get_num_threads)
+    device: str = "cpu"                    # where the times were taken: "cpu", or the card of a stored GPU run
 
     def __post_init__(self):
         if len(self.baseline_times) != len(self.candidate_times) or not self.baseline_times:
             raise ValueError("a speed comparison needs as many baseline as candidate times, at least one of each")
+
+    @classmethod
+    def from_stored(cls, baseline_ms: Sequence[float], candidate_ms: Sequence[float], device: str) -> SpeedComparison:
+        "A comparison rebuilt from a stored run's paired per-repeat times in milliseconds (see `device_results`), taken on `device`."
+        return cls([t / 1e3 for t in baseline_ms], [t / 1e3 for t in candidate_ms], threads=0, device=device)
 
     @property
     def baseline_s(self) -> float: return statistics.median(self.baseline_times)
@@ -216,10 +222,11 @@ class SpeedComparison:
         return median_interval(self.ratios)
 
     def describe(self) -> str:
-        "One line: the ratio, its interval, the repeats and the thread count."
+        "One line: the ratio, its interval, the repeats and the thread count (or the device of a stored GPU run)."
         lo, hi = self.interval
+        where = f"{self.threads} thread(s)" if self.device == "cpu" else self.device
         return (f"{self.ratio:.3g}× [95% CI {lo:.3g}, {hi:.3g}] over {len(self.ratios)} interleaved repeats, "
-                f"{self.threads} thread(s); medians {self.baseline_s*1e3:.3g} ms vs {self.candidate_s*1e3:.3g} ms")
+                f"{where}; medians {self.baseline_s*1e3:.3g} ms vs {self.candidate_s*1e3:.3g} ms")
 
 
 def _time_once(fn: Callable, inputs: Sequence[Any]) -> float:
