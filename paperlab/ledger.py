@@ -9,23 +9,32 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 from scipy import stats
 
-from .core import SpeedComparison, atomic_write, get_mode, machine_info, results_dir
+from .core import MODES, SpeedComparison, atomic_write, get_mode, machine_info, results_dir
 
 # %% auto #0
-__all__ = ['VERDICTS', 'RULE_KINDS', 'EFFICIENCY_PREFIX', 'Rule', 'within', 'above', 'below', 'holds', 'untestable',
-           'compute_verdict', 'Claim', 'Paired', 'paired_difference', 'Ledger', 'all_ledgers', 'ledgers_markdown',
-           'efficiency_rows', 'efficiency_markdown']
+__all__ = ['VERDICTS', 'RULE_KINDS', 'EVIDENCE', 'SMOKE', 'PASSING', 'EFFICIENCY_PREFIX', 'Rule', 'within', 'above', 'below',
+           'holds', 'untestable', 'default_evidence', 'compute_verdict', 'Control', 'Claim', 'Paired',
+           'paired_difference', 'paired_control', 'wilson_interval', 'bootstrap_interval', 'Ledger', 'all_ledgers',
+           'ledgers_markdown', 'efficiency_rows', 'efficiency_markdown', 'headline_rows', 'headline_markdown',
+           'notebook_digest', 'check_ledgers', 'mode_note', 'full_run_only']
 
 # %% ../nbs/01_ledger.ipynb #99730aa7
-VERDICTS = ("reproduced", "direction reproduced", "inconclusive", "not reproduced", "not testable on CPU")
+VERDICTS = ("reproduced", "direction reproduced", "inconclusive", "not reproduced", "vacuous",
+            "sanity check passed", "sanity check failed", "not comparable", "smoke run (quick mode)",
+            "not testable on CPU")
 RULE_KINDS = ("within", "above", "below", "holds", "untestable")
+EVIDENCE = ("deterministic", "experiment", "timing")
+SMOKE = "smoke run (quick mode)"
+PASSING = ("reproduced", "direction reproduced")
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,11 @@ class Rule:
         if self.kind == "untestable" and not self.reason:
             raise ValueError("an untestable rule needs a reason")
 
+    @property
+    def directional(self) -> bool:
+        "True for `above` and `below`: the claim is a direction, judged against a threshold."
+        return self.kind in ("above", "below")
+
     def describe(self) -> str:
         "The rule in words, for the ledger table."
         return {"within": f"within {self.value:.0%} of reported", "above": f"measured > {self.value:g}",
@@ -53,11 +67,11 @@ def within(rel: float) -> Rule:
     return Rule("within", rel)
 
 def above(threshold: float = 0.0) -> Rule:
-    "Direction reproduced when measured (its whole interval, if it has one) > `threshold`."
+    "Direction reproduced when measured (its whole interval) > `threshold`."
     return Rule("above", threshold)
 
 def below(threshold: float = 0.0) -> Rule:
-    "Direction reproduced when measured (its whole interval, if it has one) < `threshold`."
+    "Direction reproduced when measured (its whole interval) < `threshold`."
     return Rule("below", threshold)
 
 def holds() -> Rule:
@@ -84,8 +98,31 @@ def _check_interval(measured: float, interval: Any) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def compute_verdict(rule: Rule, reported: Any, measured: Any, interval: tuple[float, float] | None = None) -> str:
-    "The verdict that `rule` gives for `measured` (and its `interval`, if any) against `reported`."
+def default_evidence(rule: Rule, timed: bool = False) -> str:
+    "What kind of evidence a claim is unless it says: a timing, an experiment (a directional rule), or deterministic."
+    if timed: return "timing"
+    return "experiment" if rule.directional else "deterministic"
+
+
+def _side(rule: Rule, lo: float, hi: float) -> str:
+    "'pass' when the whole [lo, hi] is on the claim's side of the threshold, 'fail' when all of it is on the other, else 'straddle'."
+    sign = 1 if rule.kind == "above" else -1
+    near, far = (lo, hi) if sign > 0 else (hi, lo)   # the end nearest the threshold when the claim holds
+    if sign * (near - rule.value) > 0: return "pass"
+    if sign * (far - rule.value) <= 0: return "fail"
+    return "straddle"
+
+
+def compute_verdict(rule: Rule, reported: Any, measured: Any, interval: tuple[float, float] | None = None,
+                    evidence: str | None = None) -> str:
+    """The verdict that `rule` gives for `measured` (and its `interval`) against `reported`.
+
+    A directional rule on an experiment or a timing needs an interval with a non-zero spread (2 seeds or repeats at
+    least): without one the verdict is `inconclusive`. On a deterministic quantity (a FLOPs ratio, a count) the
+    threshold is a property that holds or not: `reproduced` or `not reproduced`, never `direction reproduced`."""
+    evidence = evidence or default_evidence(rule)
+    if evidence not in EVIDENCE:
+        raise ValueError(f"evidence must be one of {EVIDENCE}, got {evidence!r}")
     if rule.kind == "untestable":
         if measured is not None:
             raise ValueError("an untestable claim cannot carry a measurement")
@@ -100,16 +137,57 @@ def compute_verdict(rule: Rule, reported: Any, measured: Any, interval: tuple[fl
         if not _finite(reported):
             raise ValueError(f"rule 'within' needs a reported number, got {reported!r}")
         return "reproduced" if abs(measured - reported) <= rule.value * abs(reported) else "not reproduced"
-    sign = 1 if rule.kind == "above" else -1
-    if interval is None:
-        return "direction reproduced" if sign * (measured - rule.value) > 0 else "not reproduced"
+    if evidence == "deterministic":
+        if interval is not None:
+            raise ValueError("a deterministic measurement has no interval: mark the claim as an experiment or a timing")
+        return "reproduced" if _side(rule, measured, measured) == "pass" else "not reproduced"
+    if interval is None: return "inconclusive"           # one seed or one repeat: no spread, no direction
     lo, hi = _check_interval(measured, interval)
-    near, far = (lo, hi) if sign > 0 else (hi, lo)   # the end nearest the threshold when the claim holds
-    if sign * (near - rule.value) > 0: return "direction reproduced"
-    if sign * (far - rule.value) <= 0: return "not reproduced"
-    return "inconclusive"
+    if lo == hi: return "inconclusive"                    # identical seeds or repeats: a spread of zero says nothing
+    return {"pass": "direction reproduced", "fail": "not reproduced", "straddle": "inconclusive"}[_side(rule, lo, hi)]
 
 # %% ../nbs/01_ledger.ipynb #408667fb
+@dataclass(frozen=True)
+class Control:
+    "The same measurement on something that must not pass the claim's test: an untrained model, the key part removed, shuffled labels."
+    what: str
+    measured: float | bool
+    interval: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if not self.what:
+            raise ValueError("a control says what it is (`what`)")
+        if not (isinstance(self.measured, bool) or _finite(self.measured)):
+            raise ValueError(f"control {self.what!r}: measured must be a finite number or a bool, got {self.measured!r}")
+        if self.interval is not None:
+            object.__setattr__(self, "interval", _check_interval(self.measured, self.interval))
+
+    def passes(self, rule: Rule, reported: Any) -> bool:
+        "Whether the control passes the claim's own test. Judged leniently (a point value alone may pass), so a vacuous claim cannot slip through."
+        if rule.kind == "holds": return self.measured is True
+        if rule.kind == "within": return abs(self.measured - reported) <= rule.value * abs(reported)
+        lo, hi = self.interval or (self.measured, self.measured)
+        return _side(rule, lo, hi) == "pass"
+
+    def describe(self) -> str:
+        "The control in one cell: what it is, its value and interval."
+        iv = "" if self.interval is None else f" [{_fmt(self.interval[0])}, {_fmt(self.interval[1])}]"
+        return f"{self.what}: {_fmt(self.measured)}{iv}"
+
+
+def _fmt(x: Any) -> str:
+    "Format a number or value for the ledger table."
+    if x is None: return "—"
+    if isinstance(x, bool): return "yes" if x else "no"
+    if isinstance(x, float): return f"{x:.4g}"
+    return str(x)
+
+
+def _require_controls() -> bool:
+    "TRANSITIONAL (removed once every chapter names its controls): refuse uncontrolled directional experiments unless PAPERLAB_REQUIRE_CONTROLS=0."
+    return os.environ.get("PAPERLAB_REQUIRE_CONTROLS", "0") != "0"
+
+
 @dataclass(frozen=True)
 class Claim:
     "One statement of a paper with its reported number, our measurement (and its interval) and the verdict computed from them."
@@ -125,15 +203,73 @@ class Claim:
     interval: tuple[float, float] | None = None  # 95% interval of `measured` over seeds or timing repeats
     timed: bool = False        # a wall-clock measurement: varies from run to run, excluded from bit-for-bit checks
     arithmetic: float | None = None  # for a speed ratio: the ratio the arithmetic (FLOPs or bytes) predicts
+    evidence: str | None = None  # "deterministic", "experiment" or "timing" (default: from the rule and `timed`)
+    mode: str | None = None    # the run's mode; in quick mode an experiment or a timing is a smoke run
+    control: Control | None = None  # the same test on something that must fail it
+    no_control_because: str = ""    # why no control applies (a directional experiment needs one or the other)
+    bounds: tuple[float, float] | None = None  # the quantity's possible range: measured and interval must lie in it
+    book_threshold: str = ""   # the threshold is the book's own choice (in words): a sanity check, not a paper's claim
+    differs: str = ""          # what differs between the paper's comparison and the one measured: no verdict
+    headline: bool = False     # the chapter's headline claim (the abstract's main statement)
+    seeds_to_decide: int | None = None  # seeds that would decide an inconclusive paired claim if its mean and spread held
+    parts: tuple[str, ...] = ()  # ids of the claims for the parts the paper credits the gain to (see `Ledger.carried_by`)
+    shared: str = ""           # the component every arm shares, credited when no part carries the gain
+    why: str = ""              # computed: why the verdict is inconclusive, vacuous, a smoke run or not comparable
 
     def __post_init__(self):
+        ev = self.evidence or default_evidence(self.rule, self.timed)
+        if ev not in EVIDENCE: raise ValueError(f"claim {self.id!r}: evidence must be one of {EVIDENCE}, got {ev!r}")
+        object.__setattr__(self, "evidence", ev)
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"claim {self.id!r}: mode must be one of {MODES}, got {self.mode!r}")
         if self.interval is not None:
             object.__setattr__(self, "interval", _check_interval(self.measured, self.interval))
-        computed = compute_verdict(self.rule, self.reported, self.measured, self.interval)
-        if self.verdict is not None and self.verdict != computed:
+        if self.control is not None and not isinstance(self.control, Control):
+            raise TypeError(f"claim {self.id!r}: control must be a Control, got {type(self.control).__name__}")
+        self._check_bounds()
+        if (ev == "experiment" and self.rule.directional and self.control is None and not self.no_control_because
+                and _require_controls()):
+            raise ValueError(f"claim {self.id!r}: a directional experiment names a control (an untrained model, the key part "
+                             "removed, shuffled labels) or says why none applies (`no_control_because`)")
+        verdict, why = self._judge()
+        if self.verdict is not None and self.verdict != verdict:
             raise ValueError(f"claim {self.id!r}: verdict {self.verdict!r} contradicts the measurement "
-                             f"{self.measured!r} (rule: {self.rule.describe()}), which gives {computed!r}")
-        object.__setattr__(self, "verdict", computed)
+                             f"{self.measured!r} (rule: {self.rule.describe()}), which gives {verdict!r}")
+        object.__setattr__(self, "verdict", verdict)
+        object.__setattr__(self, "why", why)
+
+    def _check_bounds(self) -> None:
+        "Refuse a measurement or interval outside the quantity's possible range."
+        if self.bounds is None: return
+        lo, hi = _check_interval(0.0, self.bounds)
+        object.__setattr__(self, "bounds", (lo, hi))
+        values = ([self.measured] if _finite(self.measured) else []) + list(self.interval or ())
+        if any(not lo <= v <= hi for v in values):
+            raise ValueError(f"claim {self.id!r}: measured {self.measured!r} or interval {self.interval!r} leaves "
+                             f"the quantity's range [{lo:g}, {hi:g}]")
+
+    def _judge(self) -> tuple[str, str]:
+        "The verdict and why, in order: the rule, the control, the book's threshold, a differing comparison, quick mode."
+        v = compute_verdict(self.rule, self.reported, self.measured, self.interval, self.evidence)
+        why = ""
+        if v == "inconclusive" and self.rule.directional:
+            if self.interval is None: why = "no interval: a direction needs at least 2 seeds or repeats"
+            elif self.interval[0] == self.interval[1]: why = "a zero-width interval: the seeds or repeats agree exactly"
+            else: why = "the interval straddles the threshold"
+        if v in PASSING and self.control is not None and self.control.passes(self.rule, self.reported):
+            v, why = "vacuous", f"the control passes the same test ({self.control.describe()})"
+        if self.book_threshold and v in PASSING + ("not reproduced",):
+            v = "sanity check passed" if v in PASSING else "sanity check failed"
+        if self.differs and not v.startswith("not testable"):
+            v, why = "not comparable", f"the paper's number measures something else: {self.differs}"
+        if self.mode == "quick" and self.evidence != "deterministic":
+            v, why = SMOKE, "quick mode is a smoke run: its experiments and timings are never findings"
+        return v, why
+
+    @property
+    def passes(self) -> bool:
+        "Whether the claim's verdict is a reproduction (reproduced or direction reproduced)."
+        return self.verdict in PASSING
 
     def to_dict(self) -> dict:
         "A JSON-ready dict."
@@ -143,18 +279,34 @@ class Claim:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Claim":
-        "Rebuild a claim from `to_dict`; raises when the stored verdict disagrees with the stored measurement."
+        "Rebuild a claim from `to_dict`; raises when a stored verdict is missing or disagrees with the stored measurement."
+        if not isinstance(d, dict): raise ValueError(f"a claim is a JSON object, got {type(d).__name__}")
         d = dict(d)
-        d["rule"] = Rule(**d["rule"])
-        return cls(**d)
+        cid = d.get("id", "?")
+        if not d.get("verdict"): raise ValueError(f"claim {cid!r}: the stored verdict is missing")
+        stored_why = d.pop("why", "")
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(d) - known)
+        if extra: raise ValueError(f"claim {cid!r}: unknown field(s) {extra}")
+        try:
+            d["rule"] = Rule(**d["rule"])
+            if d.get("control") is not None: d["control"] = Control(**d["control"])
+            for k in ("parts",): d[k] = tuple(d.get(k) or ())
+            c = cls(**d)
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"claim {cid!r}: malformed ({e})") from None
+        if stored_why != c.why:
+            raise ValueError(f"claim {cid!r}: stored reason {stored_why!r} contradicts the computed one {c.why!r}")
+        return c
 
 # %% ../nbs/01_ledger.ipynb #49bdbf17
 @dataclass(frozen=True)
 class Paired:
-    "Per-seed values of two arms run on the same seeds, and the t-interval of their mean difference a − b."
+    "Per-seed values of two arms run on the same seeds, and the t-interval of their mean difference a − b (cut to `bounds`, the difference's possible range)."
     a: tuple[float, ...]
     b: tuple[float, ...]
     confidence: float = 0.95
+    bounds: tuple[float, float] | None = None
 
     def __post_init__(self):
         if len(self.a) != len(self.b):
@@ -165,6 +317,10 @@ class Paired:
             raise ValueError("paired values must be finite numbers")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.bounds is not None:
+            lo, hi = _check_interval(0.0, self.bounds)
+            if not lo <= self.mean <= hi:
+                raise ValueError(f"the mean difference {self.mean:g} leaves its range {self.bounds}")
 
     @property
     def n(self) -> int: return len(self.a)
@@ -184,10 +340,16 @@ class Paired:
         return stats.t.ppf(0.5 + self.confidence / 2, n - 1) * (self.std if std is None else std) / math.sqrt(n)
 
     @property
-    def lo(self) -> float: return self.mean - self._half()
+    def lo(self) -> float:
+        "Lower end of the interval; the true difference cannot lie below `bounds`, so the interval stops there (same coverage)."
+        lo = self.mean - self._half()
+        return lo if self.bounds is None else max(lo, self.bounds[0])
 
     @property
-    def hi(self) -> float: return self.mean + self._half()
+    def hi(self) -> float:
+        "Upper end of the interval, cut at `bounds`."
+        hi = self.mean + self._half()
+        return hi if self.bounds is None else min(hi, self.bounds[1])
 
     def seeds_to_decide(self, limit: int = 10_000) -> int | None:
         "Seeds needed for the interval to exclude zero if the observed mean and spread held (None: the mean is zero)."
@@ -202,19 +364,42 @@ class Paired:
                 f"over {self.n} seeds; difference {self.mean:+.4g} [{self.confidence:.0%} CI {self.lo:+.4g}, {self.hi:+.4g}]")
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Paired:
-    "Paired comparison of two arms over the same seeds: mean difference a − b with its t-interval."
-    return Paired(tuple(float(x) for x in a), tuple(float(x) for x in b), confidence)
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95,
+                      bounds: tuple[float, float] | None = None) -> Paired:
+    "Paired comparison of two arms over the same seeds: mean difference a − b with its t-interval (inside `bounds`, if given)."
+    return Paired(tuple(float(x) for x in a), tuple(float(x) for x in b), confidence, bounds)
+
+
+def paired_control(what: str, a: Sequence[float], b: Sequence[float], bounds: tuple[float, float] | None = None) -> Control:
+    "A control measured as a paired difference a − b over seeds (e.g. the same two arms, untrained)."
+    p = paired_difference(a, b, bounds=bounds)
+    return Control(what, p.mean, (p.lo, p.hi))
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    "Wilson score interval of a share k/n: always inside [0, 1], sound at k = 0 or k = n."
+    if not (isinstance(n, int) and n > 0 and isinstance(k, int) and 0 <= k <= n):
+        raise ValueError(f"wilson_interval needs whole numbers 0 <= k <= n, n > 0; got k={k!r}, n={n!r}")
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # at k = 0 and k = n the ends are exactly 0 and 1; rounding must not move them inside
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+
+
+def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, n_boot: int = 10_000,
+                       seed: int = 0) -> tuple[float, float]:
+    "Percentile bootstrap interval of a mean: it never leaves the range the values live in (a share stays in [0, 1])."
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or len(x) < 2 or not np.isfinite(x).all():
+        raise ValueError(f"bootstrap_interval needs at least 2 finite values, got {values!r}")
+    means = np.random.default_rng(seed).choice(x, size=(n_boot, len(x))).mean(axis=1)
+    a = (1 - confidence) / 2
+    lo, hi = np.clip(np.quantile(means, [a, 1 - a]), x.min(), x.max())   # a mean lies between min and max; rounding may not
+    return float(lo), float(hi)
 
 # %% ../nbs/01_ledger.ipynb #6e5aa275
-def _fmt(x: Any) -> str:
-    "Format a number or value for the ledger table."
-    if x is None: return "—"
-    if isinstance(x, bool): return "yes" if x else "no"
-    if isinstance(x, float): return f"{x:.4g}"
-    return str(x)
-
-
 def _md_escape(s: str) -> str:
     "Escape the pipe character for a Markdown table cell."
     return str(s).replace("|", "\\|").replace("\n", " ")
@@ -227,39 +412,87 @@ def _fmt_measured(c: Claim) -> str:
     return f"⏱ {s}" if c.timed else s
 
 
+def _fmt_control(c: Claim) -> str:
+    "The control cell: the control and its value, or why none applies."
+    if c.control is not None: return c.control.describe()
+    if c.no_control_because: return f"none: {c.no_control_because}"
+    return "—"
+
+
+_DIGEST = "<!-- paperlab-ledger "
+
+
+def _claim_digest(c: Claim) -> dict:
+    "What `ledger --check` compares between claims.json and the executed notebook (wall-clock values left out: they move)."
+    d = {"rule": [c.rule.kind, c.rule.value], "mode": c.mode, "evidence": c.evidence}
+    if not c.timed:
+        d.update(measured=c.measured, interval=None if c.interval is None else list(c.interval), verdict=c.verdict)
+    return d
+
+
 @dataclass
 class Ledger:
-    "The claims of one chapter, with the run's metadata."
+    "The claims of one chapter, with the run's mode and metadata; every claim carries the mode it was measured in."
     chapter: str
     claims: dict[str, Claim] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    mode: str | None = None    # default: `get_mode()` (PAPERLAB_MODE, else quick)
+
+    def __post_init__(self):
+        self.mode = get_mode(self.mode)
 
     def add(self, claim: Claim) -> Claim:
-        "Add (or replace, by id) a claim; return it."
+        "Add (or replace, by id) a claim, stamped with the ledger's mode; at most one headline claim; return it."
+        if claim.mode is None: claim = replace(claim, mode=self.mode, verdict=None)
+        if claim.mode != self.mode:
+            raise ValueError(f"claim {claim.id!r} was measured in {claim.mode} mode, the ledger is in {self.mode} mode")
+        if claim.headline and any(c.headline and c.id != claim.id for c in self.claims.values()):
+            raise ValueError(f"claim {claim.id!r}: the ledger already has a headline claim")
         self.claims[claim.id] = claim
         return claim
 
     def claim(self, id: str, statement: str, reported, unit: str, measured, rule: Rule, **kw) -> Claim:
         "Build a `Claim` and add it."
-        return self.add(Claim(id, statement, reported, unit, measured, rule, **kw))
+        return self.add(Claim(id, statement, reported, unit, measured, rule, mode=kw.pop("mode", self.mode), **kw))
 
     def paired(self, id: str, statement: str, reported, unit: str, a: Sequence[float], b: Sequence[float],
-               rule: Rule | None = None, names: tuple[str, str] = ("a", "b"), note: str = "", **kw) -> Claim:
+               rule: Rule | None = None, names: tuple[str, str] = ("a", "b"), note: str = "",
+               control: Control | None = None, bounds: tuple[float, float] | None = None, **kw) -> Claim:
         "A directional claim on the paired difference a − b over seeds: measured = mean difference, interval = its t-interval."
-        p = paired_difference(a, b)
+        p = paired_difference(a, b, bounds=bounds)
         text = p.describe(*names)
-        if p.lo <= (rule or above()).value <= p.hi and p.seeds_to_decide():
-            text += f"; about {p.seeds_to_decide()} seeds would decide it if the spread held"
-        return self.claim(id, statement, reported, unit, p.mean, rule or above(), interval=(p.lo, p.hi),
-                          note=(note + "; " if note else "") + text, **kw)
+        rule = rule or above()
+        lo, hi = p.lo, p.hi
+        undecided = lo <= rule.value <= hi or lo == hi
+        n = p.seeds_to_decide() if undecided else None
+        if n: text += f"; about {n} seeds would decide it if the spread held"
+        return self.claim(id, statement, reported, unit, p.mean, rule, interval=(lo, hi), control=control, bounds=bounds,
+                          seeds_to_decide=n, note=(note + "; " if note else "") + text, **kw)
 
     def speed(self, id: str, statement: str, reported, comparison: SpeedComparison, rule: Rule | None = None,
               arithmetic: float | None = None, note: str = "", **kw) -> Claim:
-        "A wall-clock speed-up claim: measured = median paired ratio, verdict from its 95% interval (default rule: > 1)."
+        "A wall-clock speed-up claim: measured = median paired ratio, verdict from its 95% interval (default rule: > 1); one repeat gives no verdict."
         text = comparison.describe()
         if arithmetic is not None: text += f"; arithmetic ratio {arithmetic:.3g}×"
         return self.claim(id, statement, reported, "×", comparison.ratio, rule or above(1.0), interval=comparison.interval,
                           timed=True, arithmetic=arithmetic, note=(note + "; " if note else "") + text, **kw)
+
+    def carried_by(self, id: str) -> str:
+        "Which named part carries a claim's gain, from the parts' own verdicts; or the shared component when none does."
+        c = self.claims[id]
+        if not c.parts or not c.passes: return ""
+        missing = [p for p in c.parts if p not in self.claims]
+        if missing: raise ValueError(f"claim {id!r} credits parts {missing} that the ledger does not hold")
+        carriers = [p for p in c.parts if self.claims[p].passes]
+        if carriers: return "carried by " + " and ".join(carriers)
+        return f"carried by {c.shared or 'a component every arm shares'}, not {' or '.join(c.parts)}"
+
+    def verdict_cell(self, c: Claim) -> str:
+        "The verdict with what decides or explains it: seeds that would decide it, or which part carries the gain."
+        extra = []
+        if c.verdict == "inconclusive" and c.seeds_to_decide: extra.append(f"≈{c.seeds_to_decide} seeds would decide")
+        if self.carried_by(c.id): extra.append(self.carried_by(c.id))
+        return c.verdict + (f" ({'; '.join(extra)})" if extra else "")
 
     def __len__(self) -> int: return len(self.claims)
 
@@ -267,20 +500,33 @@ class Ledger:
 
     def rows(self) -> list[dict]:
         "One dict per claim, formatted for a table."
-        return [{"id": c.id, "claim": c.statement, "paper": f"{_fmt(c.reported)} {c.unit}".strip(),
-                 "measured": _fmt_measured(c), "verdict": c.verdict, "source": c.source} for c in self.claims.values()]
+        def source(c):
+            return c.source + (f" (threshold: the book's, {c.book_threshold})" if c.book_threshold else "")
+        return [{"id": c.id, "claim": c.statement + (" [headline]" if c.headline else ""),
+                 "paper": f"{_fmt(c.reported)} {c.unit}".strip(), "measured": _fmt_measured(c),
+                 "verdict": self.verdict_cell(c), "control": _fmt_control(c), "source": source(c), "why": c.why}
+                for c in self.claims.values()]
+
+    COLUMNS = ("id", "claim", "paper", "measured", "verdict", "control", "source")
 
     def to_markdown(self) -> str:
         "The ledger as a Markdown table."
-        head = "| id | claim | paper | measured | verdict | source |\n|---|---|---|---|---|---|\n"
-        return head + "".join("| " + " | ".join(_md_escape(r[k]) for k in ("id", "claim", "paper", "measured", "verdict", "source"))
-                              + " |\n" for r in self.rows())
+        head = "| " + " | ".join(self.COLUMNS) + " |\n|" + "---|" * len(self.COLUMNS) + "\n"
+        return head + "".join("| " + " | ".join(_md_escape(r[k]) for k in self.COLUMNS) + " |\n" for r in self.rows())
 
-    def _repr_markdown_(self) -> str: return self.to_markdown()
+    def digest(self) -> dict:
+        "Each claim's rule, mode, measurement, interval and verdict: what the executed notebook records for `check_ledgers`."
+        return {"chapter": self.chapter, "mode": self.mode, "claims": {c.id: _claim_digest(c) for c in self.claims.values()}}
+
+    def _repr_markdown_(self) -> str:
+        "The mode, the table, and (invisible) the digest that `paperlab ledger --check` compares with claims.json."
+        head = (f"**{self.mode} mode.** " + ("A smoke run: experiments and timings carry no finding (run full mode for them).\n\n"
+                                            if self.mode == "quick" else "\n\n"))
+        return head + self.to_markdown() + f"\n{_DIGEST}{json.dumps(self.digest())} -->\n"
 
     def __repr__(self) -> str:
         "A short text form (the table is the Markdown form); no values, so reruns compare on the table alone."
-        return f"<Ledger {self.chapter!r}: {len(self)} claims>"
+        return f"<Ledger {self.chapter!r} ({self.mode} mode): {len(self)} claims>"
 
     def counts(self) -> dict[str, int]:
         "How many claims got each verdict (the 'not testable' ones pooled)."
@@ -290,49 +536,76 @@ class Ledger:
             out[k] = out.get(k, 0) + 1
         return out
 
+    def headline(self) -> Claim | None:
+        "The chapter's headline claim, if marked."
+        return next((c for c in self.claims.values() if c.headline), None)
+
     def measured_values(self, include_timed: bool = False) -> dict[str, Any]:
         "Each claim's measurement and interval, by id (wall-clock ones left out unless asked): what must repeat bit for bit."
         return {c.id: (c.measured, c.interval) for c in self.claims.values() if include_timed or not c.timed}
 
     def to_dict(self) -> dict:
         "A JSON-ready dict."
-        return {"chapter": self.chapter, "meta": self.meta, "claims": [c.to_dict() for c in self.claims.values()]}
+        return {"chapter": self.chapter, "meta": {**self.meta, "mode": self.mode}, "claims": [c.to_dict() for c in self.claims.values()]}
 
     def save(self, path: str | Path | None = None, mode: str | None = None, seed: int | None = None, **config) -> Path:
         "Write `claims.json` (default `results/<chapter>/claims.json`) atomically, with mode, seed, config and machine."
-        self.meta = {"mode": get_mode(mode), "seed": seed, "config": config, "machine": machine_info(),
+        if mode is not None and get_mode(mode) != self.mode:
+            raise ValueError(f"save(mode={mode!r}) but the ledger's claims were measured in {self.mode} mode")
+        self.meta = {"mode": self.mode, "seed": seed, "config": config, "machine": machine_info(),
                      "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
         path = Path(path) if path else results_dir(self.chapter) / "claims.json"
         return atomic_write(path, json.dumps(self.to_dict(), indent=1, default=str))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Ledger":
-        "Rebuild a ledger, re-checking every verdict."
-        led = cls(d["chapter"], meta=d.get("meta", {}))
+        "Rebuild a ledger, re-checking every verdict and that every claim was measured in the run's mode."
+        if not (isinstance(d, dict) and isinstance(d.get("chapter"), str) and isinstance(d.get("claims"), list)):
+            raise ValueError("a ledger is a JSON object with a 'chapter' name and a 'claims' list")
+        meta = d.get("meta") or {}
+        if meta.get("mode") not in MODES:
+            raise ValueError(f"ledger {d['chapter']!r}: meta.mode must be one of {MODES}, got {meta.get('mode')!r}")
+        led = cls(d["chapter"], meta=meta, mode=meta["mode"])
         for c in d["claims"]: led.add(Claim.from_dict(c))
         return led
 
     @classmethod
     def load(cls, path: str | Path) -> "Ledger":
-        "Load a `claims.json`; raises ValueError when a stored verdict contradicts its measurement."
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        "Load a `claims.json`; raises ValueError naming the file when it is unreadable or a stored verdict contradicts its measurement."
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
 # %% ../nbs/01_ledger.ipynb #22225d8e
-def all_ledgers(root: str | Path | None = None) -> dict[str, Ledger]:
-    "Every chapter's saved ledger under `root` (default: `$PAPERLAB_LEDGERS`, else the results folder), by chapter name."
-    root = Path(root or os.environ.get("PAPERLAB_LEDGERS") or results_dir())
-    return {p.parent.name: Ledger.load(p) for p in sorted(root.glob("*/claims.json"))}
+def _warn(msg: str) -> None:
+    "One line on stderr."
+    print(f"paperlab: warning: {msg}", file=sys.stderr)
+
+
+def all_ledgers(root: str | Path | None = None, warn: Callable[[str], None] = _warn) -> dict[str, Ledger]:
+    "Every chapter's saved ledger under `root` (default: `$PAPERLAB_LEDGERS`, else the results folder); a bad `claims.json` is skipped with a one-line warning."
+    root = Path(root or os.environ.get("PAPERLAB_LEDGERS") or results_dir(create=False))
+    out = {}
+    if not root.is_dir(): return out
+    for p in sorted(root.glob("*/claims.json")):
+        try:
+            out[p.parent.name] = Ledger.load(p)
+        except ValueError as e:
+            warn(f"skipping {e}")
+    return out
 
 
 def ledgers_markdown(ledgers: dict[str, Ledger]) -> str:
     "All ledgers as Markdown: a summary table of verdict counts, then one table per chapter."
     if not ledgers: return "_No chapter has been run yet: `make book` or `paperlab reproduce --all` writes the ledgers._\n"
-    out = "| chapter | claims | " + " | ".join(VERDICTS) + " |\n|---|---|" + "---|" * len(VERDICTS) + "\n"
+    out = "| chapter | mode | claims | " + " | ".join(VERDICTS) + " |\n|---|---|---|" + "---|" * len(VERDICTS) + "\n"
     for name, led in ledgers.items():
         n = led.counts()
-        out += f"| {name} | {len(led)} | " + " | ".join(str(n.get(v, 0)) for v in VERDICTS) + " |\n"
+        out += f"| {name} | {led.mode} | {len(led)} | " + " | ".join(str(n.get(v, 0)) for v in VERDICTS) + " |\n"
     for name, led in ledgers.items():
-        out += f"\n### {name} ({led.meta.get('mode', '?')} mode)\n\n" + led.to_markdown()
+        out += f"\n### {name} ({led.mode} mode)\n\n" + led.to_markdown()
     return out
 
 # %% ../nbs/01_ledger.ipynb #4e5016f0
@@ -340,7 +613,7 @@ EFFICIENCY_PREFIX = "efficiency:"
 
 
 def efficiency_rows(ledgers: dict[str, Ledger]) -> list[dict]:
-    "One row per `efficiency:` claim of every ledger: measured ratio, its interval, the arithmetic ratio and their quotient."
+    "One row per `efficiency:` claim of every ledger: the paper's ratio, the measured one with its interval, the arithmetic ratio and their quotient."
     rows = []
     for chapter, led in ledgers.items():
         machine = led.meta.get("machine", {})
@@ -348,23 +621,122 @@ def efficiency_rows(ledgers: dict[str, Ledger]) -> list[dict]:
             if not c.id.startswith(EFFICIENCY_PREFIX): continue
             if not (c.timed and c.interval is not None):
                 raise ValueError(f"{chapter}: claim {c.id!r} must be a timed ratio with an interval (make it with Ledger.speed)")
-            rows.append({"chapter": chapter, "id": c.id, "claim": c.statement, "measured": c.measured,
+            rows.append({"chapter": chapter, "id": c.id, "claim": c.statement, "paper": c.reported, "measured": c.measured,
                          "lo": c.interval[0], "hi": c.interval[1], "arithmetic": c.arithmetic,
                          "measured_over_arithmetic": None if not c.arithmetic else c.measured / c.arithmetic,
-                         "verdict": c.verdict, "threads": machine.get("threads"), "cpu": machine.get("cpu"),
-                         "mode": led.meta.get("mode")})
+                         "verdict": c.verdict, "differs": c.differs, "threads": machine.get("threads"),
+                         "cpu": machine.get("cpu"), "mode": led.mode})
     return rows
 
 
 def efficiency_markdown(ledgers: dict[str, Ledger]) -> str:
-    "The efficiency table as Markdown (timed values marked ⏱)."
+    "The efficiency table as Markdown (timed values marked ⏱); a row whose paper number measures something else says what differs."
     rows = efficiency_rows(ledgers)
     if not rows: return "_No chapter with an efficiency claim has been run yet._\n"
-    out = ("| chapter | claim | measured speed-up [95% CI] | arithmetic ratio | measured ÷ arithmetic | verdict | threads | CPU | mode |\n"
-           "|---|---|---|---|---|---|---|---|---|\n")
+    out = ("| chapter | claim | paper | measured speed-up [95% CI] | arithmetic ratio | measured ÷ arithmetic | verdict | threads | CPU | mode |\n"
+           "|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         quotient = "—" if r["measured_over_arithmetic"] is None else f"⏱ {r['measured_over_arithmetic']:.2f}"
         arith = "—" if r["arithmetic"] is None else f"{r['arithmetic']:.3g}×"
-        out += (f"| {r['chapter']} | {_md_escape(r['claim'])} | ⏱ {r['measured']:.3g}× [{r['lo']:.3g}, {r['hi']:.3g}] | {arith} "
-                f"| {quotient} | {r['verdict']} | {r['threads']} | {_md_escape(r['cpu'] or '?')} | {r['mode']} |\n")
+        verdict = r["verdict"] + (f": {r['differs']}" if r["differs"] else "")
+        out += (f"| {r['chapter']} | {_md_escape(r['claim'])} | {_fmt(r['paper'])} | ⏱ {r['measured']:.3g}× [{r['lo']:.3g}, {r['hi']:.3g}] "
+                f"| {arith} | {quotient} | {_md_escape(verdict)} | {r['threads']} | {_md_escape(r['cpu'] or '?')} | {r['mode']} |\n")
     return out
+
+
+def headline_rows(ledgers: dict[str, Ledger]) -> list[dict]:
+    "One row per chapter: its headline claim, the measured value with its interval, the control's value, the verdict, and what would decide it."
+    rows = []
+    for chapter, led in ledgers.items():
+        c = led.headline()
+        if c is None:
+            rows.append({"chapter": chapter, "claim": "(no headline claim marked)", "measured": "—", "control": "—",
+                         "verdict": "—", "decide": "—", "mode": led.mode})
+            continue
+        if c.verdict == SMOKE: decide = "a full-mode run"
+        elif c.verdict == "inconclusive" and c.seeds_to_decide: decide = f"about {c.seeds_to_decide} seeds"
+        elif c.verdict in ("inconclusive", "vacuous", "not comparable"): decide = c.why
+        else: decide = "—"
+        rows.append({"chapter": chapter, "claim": c.statement, "measured": _fmt_measured(c), "control": _fmt_control(c),
+                     "verdict": led.verdict_cell(c), "decide": decide, "mode": led.mode})
+    return rows
+
+
+def headline_markdown(ledgers: dict[str, Ledger]) -> str:
+    "The book's headline table: one row per paper."
+    rows = headline_rows(ledgers)
+    if not rows: return "_No chapter has been run yet._\n"
+    out = "| paper | headline claim | measured | control | verdict | what would decide it | mode |\n|---|---|---|---|---|---|---|\n"
+    return out + "".join(f"| {r['chapter']} | {_md_escape(r['claim'])} | {_md_escape(r['measured'])} | {_md_escape(r['control'])} "
+                         f"| {_md_escape(r['verdict'])} | {_md_escape(r['decide'])} | {r['mode']} |\n" for r in rows)
+
+# %% ../nbs/01_ledger.ipynb #6009e17f
+def notebook_digest(nb_path: str | Path) -> dict | None:
+    "The ledger digest that a chapter's executed notebook displayed (the last one, if it displayed several), or None."
+    found = None
+    nb = json.loads(Path(nb_path).read_text(encoding="utf-8"))
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []):
+            md = out.get("data", {}).get("text/markdown", "")
+            md = "".join(md) if isinstance(md, list) else md
+            i = md.find(_DIGEST)
+            if i >= 0: found = json.loads(md[i + len(_DIGEST):md.index("-->", i)])
+    return found
+
+
+def _compare_digests(where: str, stored: dict, shown: dict) -> list[str]:
+    "Every difference between the digest of claims.json and the one its notebook displayed, one line each, naming the claim."
+    problems = []
+    if stored["mode"] != shown.get("mode"):
+        problems.append(f"{where}: mode is {stored['mode']!r} in claims.json but {shown.get('mode')!r} in the executed notebook")
+    a, b = stored["claims"], shown.get("claims", {})
+    for cid in sorted(set(a) | set(b)):
+        if cid not in b: problems.append(f"{where}: claim {cid!r} is in claims.json but not in the executed notebook"); continue
+        if cid not in a: problems.append(f"{where}: claim {cid!r} is in the executed notebook but not in claims.json"); continue
+        for k in sorted(set(a[cid]) | set(b[cid])):
+            if a[cid].get(k) != b[cid].get(k):
+                problems.append(f"{where}: claim {cid!r}: {k} is {a[cid].get(k)!r} in claims.json but "
+                                f"{b[cid].get(k)!r} in the executed notebook")
+    return problems
+
+
+def check_ledgers(root: str | Path | None = None) -> list[str]:
+    """Recompute every verdict under `root` and compare each chapter's claims.json with the ledger its executed notebook
+    displayed (measurement, interval, rule, mode, verdict). Returns one line per problem, naming the file and the claim."""
+    root = Path(root or os.environ.get("PAPERLAB_LEDGERS") or results_dir(create=False))
+    problems: list[str] = []
+    if not root.is_dir(): return [f"{root}: no results folder"]
+    for p in sorted(root.glob("*/claims.json")):
+        try: led = Ledger.load(p)
+        except ValueError as e:
+            problems.append(str(e)); continue
+        notebooks = sorted(p.parent.glob("*.ipynb"))
+        shown = None
+        for nb in notebooks:
+            try: shown = notebook_digest(nb) if shown is None else shown
+            except (OSError, ValueError) as e: problems.append(f"{nb}: unreadable ({e})")
+        if shown is None:
+            problems.append(f"{p}: no executed notebook beside it displays this ledger"); continue
+        problems += _compare_digests(str(p), led.digest(), shown)
+    return problems
+
+# %% ../nbs/01_ledger.ipynb #ad7a9115
+class _Md(str):
+    "A string that Jupyter renders as Markdown."
+    def _repr_markdown_(self) -> str: return str(self)
+
+
+def mode_note(mode: str | None = None) -> _Md:
+    "The banner at the top of a chapter: which mode runs, and what its numbers are worth."
+    mode = get_mode(mode)
+    if mode == "quick":
+        return _Md("> **Quick mode: a smoke run.** Models train for a few steps and timings repeat a few times; they check "
+                   "that the code runs. Every experiment and timing in the ledger reads `smoke run (quick mode)`. "
+                   "Counts, FLOPs and golden checks keep their verdicts. `PAPERLAB_MODE=full` gives the findings.")
+    return _Md("> **Full mode.** Experiments run with their seeds and repeats; the ledger's verdicts are findings.")
+
+
+def full_run_only(text: str, mode: str | None = None) -> _Md:
+    "Prose that states a result of the full run: shown as is in full mode, marked as the full run's in quick mode."
+    if get_mode(mode) == "full": return _Md(text)
+    return _Md(f"*In full mode:* {text} *(This quick run is a smoke run and does not test it.)*")
