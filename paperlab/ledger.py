@@ -214,6 +214,8 @@ class Claim:
     seeds_to_decide: int | None = None  # seeds that would decide an inconclusive paired claim if its mean and spread held
     parts: tuple[str, ...] = ()  # ids of the claims for the parts the paper credits the gain to (see `Ledger.carried_by`)
     shared: str = ""           # the component every arm shares, credited when no part carries the gain
+    precondition: str = ""     # what must hold for the test to mean anything, in words with its numbers (the baseline has learnt the data)
+    precondition_met: bool | None = None  # whether it held in this run; False makes any finding inconclusive
     why: str = ""              # computed: why the verdict is inconclusive, vacuous, a smoke run or not comparable
 
     def __post_init__(self):
@@ -258,6 +260,8 @@ class Claim:
             else: why = "the interval straddles the threshold"
         if v in PASSING and self.control is not None and self.control.passes(self.rule, self.reported):
             v, why = "vacuous", f"the control passes the same test ({self.control.describe()})"
+        if self.precondition and self.precondition_met is False and not v.startswith("not testable"):
+            v, why = "inconclusive", f"the test means nothing here: {self.precondition}"
         if self.book_threshold and v in PASSING + ("not reproduced",):
             v = "sanity check passed" if v in PASSING else "sanity check failed"
         if self.differs and not v.startswith("not testable"):
