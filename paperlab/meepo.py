@@ -24,11 +24,11 @@ from .ssm import selective_scan
 __all__ = ['ORDERS', 'MAMBA_SSM_NAMES', 'SCENE_CLASSES', 'VARIANTS', 'grid_sample', 'fnv_hash', 'z_order_encode',
            'z_order_decode', 'hilbert_encode', 'hilbert_decode', 'encode', 'decode', 'serialize', 'strided_order',
            'inverse_permutation', 'SSMBranch', 'MambaMixer', 'load_mamba_ssm_state', 'enable_spconv_cpu_backward',
-           'submconv_reference', 'PointCloud', 'make_point_cloud', 'pack', 'patch_padding', 'SerializedAttention',
-           'SerializedMamba', 'NoMixer', 'SubMConv3d', 'Block', 'SerializedPooling', 'SerializedUnpooling',
-           'PointUNetConfig', 'ptv3_base', 'meepo_base', 'make_mixer', 'PointUNet', 'ptv3_state_to_ours', 'make_scene',
-           'scene_batch', 'tiny_config', 'train_segmenter', 'segment', 'scan_position', 'accuracy_by_position',
-           'receptive_field', 'FullAttention', 'WindowAttention']
+           'submconv_reference', 'PointCloud', 'voxelise', 'make_point_cloud', 'pack', 'patch_padding',
+           'SerializedAttention', 'SerializedMamba', 'NoMixer', 'SubMConv3d', 'Block', 'SerializedPooling',
+           'SerializedUnpooling', 'PointUNetConfig', 'ptv3_base', 'meepo_base', 'make_mixer', 'PointUNet',
+           'ptv3_state_to_ours', 'make_scene', 'scene_batch', 'tiny_config', 'train_segmenter', 'segment',
+           'scan_position', 'accuracy_by_position', 'receptive_field', 'FullAttention', 'WindowAttention']
 
 # %% ../nbs/14_meepo.ipynb #74cb07fc
 def _check_coord(coord: Tensor, name: str = "coord") -> None:
@@ -332,17 +332,31 @@ class PointCloud:
         return self
 
 
+def voxelise(coord: Tensor, grid_size: float) -> Tensor:
+    "PTv3's grid coordinates of a cloud that has none (model.py `Point.serialization`): trunc((coord - min) / grid_size), one min over the whole batch, in coord's dtype. (N, 3) -> (N, 3) int64."
+    _check_coord(coord)
+    if not grid_size > 0: raise ValueError(f"grid_size must be positive, got {grid_size!r}")
+    return torch.div(coord - coord.min(0).values, grid_size, rounding_mode="trunc").long()
+
+
 def make_point_cloud(coord: Tensor, feat: Tensor, batch: Tensor | None = None, grid_size: float = 0.02,
-                     orders: Sequence[str] = ORDERS, shuffle_orders: bool = True, generator: torch.Generator | None = None) -> PointCloud:
-    "Voxel coordinates (per cloud, minimum at 0), serialisation and the sparse tensor of already grid-sampled points. (N, 3), (N, C) -> PointCloud."
+                     orders: Sequence[str] = ORDERS, shuffle_orders: bool = True, generator: torch.Generator | None = None,
+                     grid_coord: Tensor | None = None) -> PointCloud:
+    """Serialisation and sparse tensor of already grid-sampled points, as PTv3's `Point`: `grid_coord` (N, 3) is used as given
+    (Pointcept's `GridSample` makes it per cloud); without it, `voxelise(coord, grid_size)` (one min over the whole batch). (N, 3), (N, C) -> PointCloud."""
     _check_coord(coord)
     if feat.dim() != 2 or len(feat) != len(coord): raise ValueError(f"feat must be (N={len(coord)}, C), got {tuple(feat.shape)}")
     if not torch.isfinite(feat).all(): raise ValueError("feat has non-finite values")
     batch = torch.zeros(len(coord), dtype=torch.long) if batch is None else batch.long()
     if batch.shape != (len(coord),): raise ValueError(f"batch must be (N={len(coord)},), got {tuple(batch.shape)}")
     if (batch.diff() < 0).any(): raise ValueError("points must be grouped by batch index in increasing order")
-    grid = torch.floor(coord / grid_size).long()
-    grid = grid - grid.min(0).values                          # one min over the whole batch, as PTv3's Point.serialization
+    if grid_coord is None:
+        grid = voxelise(coord, grid_size)
+    elif not torch.is_tensor(grid_coord) or grid_coord.shape != coord.shape or grid_coord.is_floating_point():
+        raise ValueError(f"grid_coord must be an integer (N={len(coord)}, 3) tensor, got {type(grid_coord).__name__} "
+                         f"of shape {tuple(getattr(grid_coord, 'shape', ()))}")
+    else:
+        grid = grid_coord.long()                              # as PTv3: a Point with grid_coord skips its own voxelisation
     code, order, inverse, depth = serialize(grid, batch, orders, shuffle=shuffle_orders, generator=generator)
     return PointCloud(feat, coord, grid, batch, code, order, inverse, depth).sparsify()
 
@@ -374,7 +388,9 @@ def patch_padding(counts: Tensor, patch: int) -> tuple[Tensor, Tensor]:
 
 
 class SerializedAttention(nn.Module):
-    "PTv3's patch attention over one serialisation order (its non-flash path): patch = min(smallest cloud, patch_size)."
+    """PTv3's patch attention over one serialisation order (its non-flash path): patch = min(smallest cloud, patch_size).
+    The padding is cached on the cloud under that patch size; PTv3 caches one `pad` per `Point`, so its decoder reuses the
+    encoder stage's padding: the same whenever a stage's encoder and decoder patch sizes agree (every released config)."""
     def __init__(self, channels: int, num_heads: int, patch_size: int = 1024, qkv_bias: bool = True):
         super().__init__()
         if channels % num_heads: raise ValueError(f"channels {channels} not divisible by num_heads {num_heads}")
@@ -690,13 +706,14 @@ def make_scene(seed: int, spacing: float = 0.1, room: float = 3.0, noise: float 
 
 def scene_batch(scenes: Sequence[dict], grid_size: float, orders: Sequence[str] = ("hilbert",), shuffle_orders: bool = False,
                 generator: torch.Generator | None = None) -> tuple[PointCloud, Tensor]:
-    "Grid-sample each scene, stack them as one batch (each scene its own batch index); features = noisy normals. -> (PointCloud, labels (N,))."
-    coords, feats, labels, batch = [], [], [], []
+    "Grid-sample each scene and stack them as one batch (each scene its own batch index), its voxels as grid_coord (Pointcept's GridSample, then collate); features = noisy normals. -> (PointCloud, labels (N,))."
+    coords, grids, feats, labels, batch = [], [], [], [], []
     for b, s in enumerate(scenes):
-        idx, _, _ = grid_sample(s["coord"], grid_size)
-        coords.append(s["coord"][idx] - s["coord"][idx].min(0).values + 0.5 * grid_size)
+        idx, voxels, _ = grid_sample(s["coord"], grid_size)
+        coords.append(s["coord"][idx]); grids.append(voxels)
         feats.append(s["normal"][idx]); labels.append(s["label"][idx]); batch.append(torch.full((len(idx),), b))
-    pc = make_point_cloud(torch.cat(coords), torch.cat(feats), torch.cat(batch), grid_size, orders, shuffle_orders, generator)
+    pc = make_point_cloud(torch.cat(coords), torch.cat(feats), torch.cat(batch), grid_size, orders, shuffle_orders, generator,
+                          grid_coord=torch.cat(grids))
     return pc, torch.cat(labels)
 
 # %% ../nbs/14_meepo.ipynb #6987a64f
@@ -764,9 +781,10 @@ def accuracy_by_position(pred: Tensor, y: Tensor, pos: Tensor, classes: Sequence
     return (torch.bincount(b, hit, minlength=bins) / n * 100).numpy()
 
 # %% ../nbs/14_meepo.ipynb #630a36be
-def receptive_field(mixer: nn.Module, coord: Tensor, feat: Tensor, centre: int, order: str = "hilbert", grid_size: float = 0.1) -> Tensor:
-    "Gradient magnitude (N,) of a serialised mixer's (`SerializedAttention`, `SerializedMamba`) output at point `centre` w.r.t. every input point; (N, 3), (N, C), one cloud."
-    pc = make_point_cloud(coord, feat, None, grid_size, (order,), False)
+def receptive_field(mixer: nn.Module, coord: Tensor, feat: Tensor, centre: int, order: str = "hilbert", grid_size: float = 0.1,
+                    grid_coord: Tensor | None = None) -> Tensor:
+    "Gradient magnitude (N,) of a serialised mixer's (`SerializedAttention`, `SerializedMamba`) output at point `centre` w.r.t. every input point; (N, 3), (N, C), one cloud, optional grid_coord (N, 3) as in `make_point_cloud`."
+    pc = make_point_cloud(coord, feat, None, grid_size, (order,), False, grid_coord=grid_coord)
     x = feat.clone().requires_grad_(True)
     out = mixer(x, pc, 0)
     out[centre].sum().backward()

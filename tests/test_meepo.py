@@ -1,6 +1,7 @@
 """MEEPO chapter: serialisation against PTv3's official outputs, Hilbert adjacency, grid sampling against Pointcept, Mamba block
 against mamba-ssm, mixer properties (causality, reversal, strided order, padding), spconv against a gather reference, pooling,
-patch attention against a naive loop, the full-size parameter count, and bad inputs."""
+patch attention against a naive loop, PTv3's voxelisation (model.py Point.serialization) against its official output, the
+padding cache, the full-size parameter count, and bad inputs."""
 import json
 
 import numpy as np
@@ -13,7 +14,8 @@ from paperlab.core import count_params, repo_root
 from paperlab.meepo import (ORDERS, MambaMixer, PointUNet, PointUNetConfig, ptv3_state_to_ours, SSMBranch, SerializedAttention, SerializedPooling,
                             accuracy_by_position, decode, encode, fnv_hash, grid_sample, hilbert_decode, hilbert_encode,
                             inverse_permutation, load_mamba_ssm_state, make_point_cloud, make_scene, pack, patch_padding,
-                            ptv3_base, serialize, strided_order, submconv_reference, tiny_config, z_order_decode, z_order_encode)
+                            ptv3_base, scene_batch, serialize, strided_order, submconv_reference, tiny_config, voxelise,
+                            z_order_decode, z_order_encode)
 from paperlab.ssm import selective_scan_sequential
 
 GOLD = np.load(repo_root() / "data/meepo/golden/ptv3_mamba_golden.npz")
@@ -111,8 +113,63 @@ def test_bad_clouds(coord, msg):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="grid_size"): grid_sample(torch.zeros(3, 3), 0.0)
+    with pytest.raises(ValueError, match="grid_size"): voxelise(torch.zeros(3, 3), -0.1)
+    with pytest.raises(ValueError, match=r"grid_coord must be an integer \(N=4, 3\)"):
+        make_point_cloud(torch.rand(4, 3), torch.rand(4, 3), grid_coord=torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="grid_coord must be an integer"):
+        make_point_cloud(torch.rand(4, 3), torch.rand(4, 3), grid_coord=torch.zeros(4, 3))
+    with pytest.raises(ValueError, match=r"grid_coord must lie in \[0"):
+        make_point_cloud(torch.rand(4, 3), torch.rand(4, 3), grid_coord=-torch.ones(4, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="feat"): make_point_cloud(torch.rand(5, 3), torch.rand(4, 3))
     with pytest.raises(ValueError, match="grouped"): make_point_cloud(torch.rand(4, 3), torch.rand(4, 3), torch.tensor([1, 0, 0, 1]))
+
+
+# ---- voxelisation inside the model ---------------------------------------------------------------------------------
+def test_golden_voxelise():
+    # PTv3 model.py Point.serialization (commit 3229e9b), coord + grid_size without grid_coord: data/meepo/golden/voxelise.npz
+    gv = np.load(repo_root() / "data/meepo/golden/voxelise.npz")
+    coord, batch, gs = torch.from_numpy(gv["coord"]), torch.from_numpy(gv["batch"]), float(gv["grid_size"])
+    pc = make_point_cloud(coord, torch.zeros(len(coord), 1), batch, gs, tuple(gv["orders"]), shuffle_orders=False)
+    np.testing.assert_array_equal(pc.grid_coord.numpy(), gv["grid_coord"])
+    np.testing.assert_array_equal(pc.code.numpy(), gv["code"])
+    assert pc.depth == int(gv["depth"])
+    # the official formula written out independently (numpy, float32 as the coords): subtract the batch's min, then truncate
+    c = gv["coord"]
+    np.testing.assert_array_equal(pc.grid_coord.numpy(), np.trunc((c - c.min(0)) / np.float32(gs)).astype(np.int64))
+    floor_first = np.floor(c / np.float32(gs)).astype(np.int64); floor_first -= floor_first.min(0)
+    assert (floor_first != gv["grid_coord"]).any(1).sum() > 1000                 # sensitivity: the floor-first form moves points
+
+
+def test_voxelise_offset_cloud():
+    # a cloud offset by 0.013 on a grid of 0.05 (the issue's case): the voxel boundaries start at the smallest coordinate
+    coord = torch.rand(4000, 3, generator=torch.Generator().manual_seed(5)) * 2 + 0.013
+    expect = np.trunc((coord.numpy() - coord.numpy().min(0)) / np.float32(0.05)).astype(np.int64)
+    np.testing.assert_array_equal(voxelise(coord, 0.05).numpy(), expect)
+    np.testing.assert_array_equal(make_point_cloud(coord, torch.zeros(4000, 1), grid_size=0.05).grid_coord.numpy(), expect)
+
+
+def test_given_grid_coord_is_used_as_is():
+    # as PTv3's Point: grid_coord present -> no voxelisation, no shift
+    coord = torch.rand(50, 3, generator=torch.Generator().manual_seed(0))
+    grid = torch.randint(3, 20, (50, 3), generator=torch.Generator().manual_seed(1))
+    pc = make_point_cloud(coord, torch.zeros(50, 1), grid_size=0.1, orders=("z",), shuffle_orders=False, grid_coord=grid)
+    torch.testing.assert_close(pc.grid_coord, grid)
+    torch.testing.assert_close(pc.code[0], z_order_encode(grid, pc.depth))
+
+
+def test_scene_batch_one_point_per_voxel():
+    # Pointcept's pipeline: GridSample's per-cloud grid_coord goes to the model; no two kept points share a voxel
+    scenes = [make_scene(s) for s in range(3)]
+    pc, y = scene_batch(scenes, 0.1)
+    keys = torch.cat([pc.batch[:, None], pc.grid_coord], 1)
+    assert len(torch.unique(keys, dim=0)) == len(keys)
+    start = 0
+    for b, s in enumerate(scenes):
+        idx, voxels, _ = grid_sample(s["coord"], 0.1)
+        torch.testing.assert_close(pc.grid_coord[start:start + len(idx)], voxels)
+        torch.testing.assert_close(y[start:start + len(idx)], s["label"][idx])
+        start += len(idx)
+    assert start == len(pc.batch)
 
 
 # ---- mixers --------------------------------------------------------------------------------------------------------
@@ -255,6 +312,23 @@ def test_patch_padding():
 
 
 @torch.no_grad()
+def test_attention_padding_cached_per_patch_size():
+    # our cache is keyed by the patch size: a second attention with another patch size on the same cloud must not reuse the
+    # first one's padding (PTv3's single `pad` key would; its released configs never mix patch sizes on one stage)
+    torch.manual_seed(0)
+    grid = torch.unique(torch.randint(0, 8, (60, 3)), dim=0)[:60]
+    def cloud(): return make_point_cloud(grid.float(), torch.randn(len(grid), 8, generator=torch.Generator().manual_seed(2)),
+                                         grid_size=1.0, orders=("hilbert",), shuffle_orders=False, grid_coord=grid)
+    a16, a8 = SerializedAttention(8, 2, patch_size=16), SerializedAttention(8, 2, patch_size=8)
+    assert len(grid) % 16 and len(grid) % 8                                   # both need padding, differently placed
+    shared = cloud()
+    a16(shared.feat, shared, 0)
+    fresh = cloud()
+    torch.testing.assert_close(a8(shared.feat, shared, 0), a8(fresh.feat, fresh, 0))
+    assert set(shared.cache) == {("pad", 16), ("pad", 8)}
+
+
+@torch.no_grad()
 def test_serialized_attention_equals_naive_patches():
     torch.manual_seed(0)
     pc = make_point_cloud(torch.rand(64, 3), torch.randn(64, 8), grid_size=0.01, shuffle_orders=False)
@@ -287,10 +361,11 @@ def test_full_size_parameter_count():
 def test_tiny_model_forward_and_backward():
     torch.manual_seed(0)
     scene = make_scene(3)
-    idx, _, _ = grid_sample(scene["coord"], 0.1)
+    idx, voxels, _ = grid_sample(scene["coord"], 0.1)
     for mixer in ("attention", "mamba", "none"):
         model = PointUNet(tiny_config(mixer))
-        pc = make_point_cloud(scene["coord"][idx], scene["normal"][idx], grid_size=0.1, orders=("hilbert",), shuffle_orders=False)
+        pc = make_point_cloud(scene["coord"][idx], scene["normal"][idx], grid_size=0.1, orders=("hilbert",), shuffle_orders=False,
+                              grid_coord=voxels)
         out = model(pc)
         assert out.shape == (len(idx), 6) and torch.isfinite(out).all()
         out.sum().backward()
@@ -314,7 +389,8 @@ def test_accuracy_by_position():
 
 @torch.no_grad()
 def test_golden_ptv3_forward():
-    # PTv3 model.py PointTransformerV3 (commit 3229e9b), small config, train mode, torch.manual_seed(2) before the forward
+    # PTv3 model.py PointTransformerV3 (commit 3229e9b), small config, train mode, torch.manual_seed(2) before the forward;
+    # the official run was given grid_coord (so it never voxelised), and so is PointUNet
     gf = np.load(repo_root() / "data/meepo/golden/ptv3_forward.npz")
     cfg = PointUNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(str(gf["config"])).items()
                              if k not in ("enable_flash", "upcast_attention", "upcast_softmax")})
@@ -323,7 +399,7 @@ def test_golden_ptv3_forward():
     def run(state):
         model = PointUNet(cfg); model.load_state_dict(state); model.train()
         pc = make_point_cloud(torch.from_numpy(gf["coord"]).float(), torch.from_numpy(gf["feat"]), torch.from_numpy(gf["batch"]),
-                              0.05, cfg.order, shuffle_orders=False)
+                              0.05, cfg.order, shuffle_orders=False, grid_coord=torch.from_numpy(gf["grid_coord"]))
         torch.manual_seed(2)
         return model(pc)
     ref = torch.from_numpy(gf["out"])
