@@ -17,12 +17,13 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM
 
 # %% auto #0
-__all__ = ['COLORS', 'RGB', 'SHAPES', 'GLYPHS', 'DIRECTIONS', 'WORDS', 'OBS_DIM', 'VARIANTS', 'FLAMINGO_SIZES', 'TaskConfig',
-           'instruction', 'ChainEnv', 'Vocab', 'PolicyConfig', 'exit_blocks', 'ActionHead', 'MultiExitPolicy',
-           'grounding_data', 'pretrain_backbone', 'collect_demos', 'make_windows', 'action_loss', 'window_features',
-           'heads_loss', 'policy_loss', 'train_policy', 'rms_delta', 'dynamic_step', 'rollout', 'exit_profile',
-           'solve_thresholds', 'simulate_exits', 'expected_cost', 'thresholds_for_budget', 'exit_statistics',
-           'refine_online', 'truncate', 'FlamingoLLMConfig', 'GatedCrossAttention', 'FlamingoLLM', 'calvin_text_tokens']
+__all__ = ['COLORS', 'RGB', 'SHAPES', 'GLYPHS', 'DIRECTIONS', 'WORDS', 'OBS_DIM', 'FIRST_REFERENCES', 'VARIANTS',
+           'FLAMINGO_SIZES', 'TaskConfig', 'instruction', 'ChainEnv', 'Vocab', 'PolicyConfig', 'first_reference',
+           'exit_blocks', 'ActionHead', 'MultiExitPolicy', 'grounding_data', 'pretrain_backbone', 'collect_demos',
+           'make_windows', 'action_loss', 'window_features', 'heads_loss', 'policy_loss', 'train_policy', 'rms_delta',
+           'dynamic_step', 'rollout', 'exit_profile', 'solve_thresholds', 'simulate_exits', 'expected_cost',
+           'thresholds_for_budget', 'exit_statistics', 'refine_online', 'truncate', 'FlamingoLLMConfig',
+           'GatedCrossAttention', 'FlamingoLLM', 'calvin_text_tokens']
 
 # %% ../nbs/32_deer.ipynb #deer006
 COLORS = ("red", "green", "blue", "yellow")
@@ -198,6 +199,20 @@ class PolicyConfig:
     init_std: float = 0.2        # ours: Llama's 0.02 leaves a 32-wide model on a long plateau
 
 
+FIRST_REFERENCES = ("layer0", "previous_block")
+
+
+def first_reference(exits: list[int], reference: str) -> int:
+    """Block whose pooled features decode a_0, the action the first exit is compared with (−1: the embeddings).
+    'layer0': block 0, as the official statistics mode (`value_net.py:136`, `feats[0]`); 'previous_block': the block
+    before the first exit, as the official inference (`value_net.py:125`, `feats[i - 1]`). They agree at interval 2."""
+    if reference not in FIRST_REFERENCES: raise ValueError(f"unknown reference {reference!r}: expected one of {FIRST_REFERENCES}")
+    if reference == "previous_block": return exits[0] - 1
+    if exits[0] == 0: raise ValueError("reference='layer0' compares the first exit with block 0, the exit itself at exit_interval=1 "
+                                       "(the official code asserts that 0 is not an exit): use reference='previous_block'")
+    return 0
+
+
 def exit_blocks(num_layers: int, interval: int) -> list[int]:
     "0-based blocks followed by an exit: every `interval` blocks, plus the last block (official `get_all_exit_idx`)."
     if not (isinstance(num_layers, int) and isinstance(interval, int)) or num_layers < 1 or interval < 1:
@@ -279,10 +294,10 @@ class MultiExitPolicy(nn.Module):
         "Max-pool hidden states (n, T, d) over the real tokens (n, T) -> (n, d): the official AdaptiveMaxPool1d over the LLM's tokens."
         return h.masked_fill(~keep[..., None], float("-inf")).amax(1)
 
-    def exit_features(self, obs: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-        "Pooled features (1 + E, N, d): the block before the first exit (its reference), then every exit."
+    def exit_features(self, obs: Tensor, ids: Tensor, mask: Tensor, reference: str = "previous_block") -> Tensor:
+        "Pooled features (1 + E, N, d): the first exit's reference block (`first_reference`), then every exit."
         ctx = self.embed(obs, ids, mask)
-        h, ref = ctx["h"], self.exits[0] - 1
+        h, ref = ctx["h"], first_reference(self.exits, reference)
         out = [self.pool(h, ctx["keep"])] if ref < 0 else []
         for j in range(self.exits[-1] + 1):
             h = self.block(j, h, ctx)
@@ -462,7 +477,7 @@ def dynamic_step(policy: MultiExitPolicy, obs: Tensor, ids: Tensor, mask: Tensor
     new_state = tuple(s.clone() for s in state)
     arm, grip, ex = torch.zeros(B, policy.cfg.arm_dim), torch.zeros(B), torch.full((B,), -1, dtype=torch.long)
     ctx = policy.embed(obs, ids, mask)
-    h, rows, k, ref = ctx["h"], torch.arange(B), 0, policy.exits[0] - 1
+    h, rows, k, ref = ctx["h"], torch.arange(B), 0, first_reference(policy.exits, "previous_block")
     prev = policy.head(policy.pool(h, ctx["keep"])[:, None], state)[0][:, 0] if ref < 0 else None
     for j in range(policy.exits[K] + 1):
         h = policy.block(j, h, ctx, rows)
@@ -510,22 +525,25 @@ def exit_profile(q: float, num_exits: int, skip_first: bool = False) -> Tensor:
     return p / p.sum()
 
 
-def solve_thresholds(values, q: float, num_exits: int | None = None, skip_first: bool = False) -> np.ndarray:
+def solve_thresholds(values, q: float, num_exits: int | None = None, skip_first: bool = False,
+                     dtype: torch.dtype = torch.float32) -> np.ndarray:
     """Offline thresholds from exit statistics `values` (E, n) (delta_k of n demonstration steps): for k = 1..K−1, among
     the steps not yet exited, eta_k is the floor(n p_k)-th smallest delta_k and the steps with delta_k <= eta_k leave.
-    eta_K = +inf; an exit given no step gets eta = −inf. Returns (K,) in the dtype of `values`."""
+    eta_K = +inf; an exit given no step gets eta = −inf. Returns (K,) in `dtype`: float32 as the official tensor
+    (`value_net.py:213`), each eta_k rounded before the next exit's steps are chosen; float64 keeps them exact."""
+    if dtype not in (torch.float32, torch.float64): raise ValueError(f"dtype must be torch.float32 (official) or torch.float64, got {dtype!r}")
     v = torch.as_tensor(np.asarray(values))
     if v.dim() != 2 or v.shape[1] == 0: raise ValueError(f"values must be (exits, samples) with samples > 0, got shape {tuple(v.shape)}")
     K = v.shape[0] if num_exits is None else num_exits
     if not (isinstance(K, int) and 1 <= K <= v.shape[0]): raise ValueError(f"num_exits must be an int in [1, {v.shape[0]}], got {num_exits!r}")
     n, p = v.shape[1], exit_profile(q, K, skip_first)
-    T = torch.full((K,), -math.inf, dtype=v.dtype)
+    T = torch.full((K,), -math.inf, dtype=dtype)
     out = torch.zeros(n, dtype=torch.bool)
     for k in range(K - 1):
         m = math.floor(n * p[k])
         cand = torch.sort(v[k][~out]).values
         if 1 <= m <= len(cand): T[k] = cand[m - 1]
-        out |= v[k] <= T[k]
+        out |= v[k] <= T[k]                      # in the dtype of `values`, against the stored (rounded) threshold
     T[K - 1] = math.inf
     return T.numpy()
 
@@ -548,10 +566,11 @@ def expected_cost(q: float, costs, skip_first: bool = False) -> float:
     return float((w * c).sum() / w.sum())
 
 
-def thresholds_for_budget(values, budget: float, costs, skip_first: bool = False) -> tuple[np.ndarray, float]:
+def thresholds_for_budget(values, budget: float, costs, skip_first: bool = False,
+                          dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, float]:
     """Thresholds for an average-cost `budget`: q solved (bisection on log q) so that Σ p_k(q) C_k = budget, then
-    `solve_thresholds`. `costs` (K,) is the cost of leaving at each allowed exit (layers or FLOPs), increasing; K sets
-    the deepest exit. A budget below the first allowed exit's cost is impossible: ValueError."""
+    `solve_thresholds` (thresholds in `dtype`). `costs` (K,) is the cost of leaving at each allowed exit (layers or
+    FLOPs), increasing; K sets the deepest exit. A budget below the first allowed exit's cost is impossible: ValueError."""
     c = np.asarray(costs, dtype=np.float64)
     if c.ndim != 1 or len(c) < 1 or np.any(np.diff(c) <= 0): raise ValueError(f"costs must be a 1-D increasing sequence, got {costs!r}")
     c0 = c[1] if skip_first and len(c) > 1 else c[0]
@@ -564,18 +583,20 @@ def thresholds_for_budget(values, budget: float, costs, skip_first: bool = False
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if expected_cost(math.exp(mid), c, skip_first) < budget else (lo, mid)
         q = math.exp((lo + hi) / 2)
-    return solve_thresholds(values, q, len(c), skip_first), q
+    return solve_thresholds(values, q, len(c), skip_first, dtype), q
 
 
 @torch.no_grad()
-def exit_statistics(policy: MultiExitPolicy, data: dict, seed: int = 0) -> np.ndarray:
+def exit_statistics(policy: MultiExitPolicy, data: dict, seed: int = 0, reference: str = "layer0") -> np.ndarray:
     """The official 'generate' mode: delta_k (E, n) on demonstration windows. The history fed to the shared head comes
-    from random exits (strategy 1); the step scored (positions W/2−1 .. W−2 of each window) goes through every exit in turn."""
+    from random exits (strategy 1); the step scored (positions W/2−1 .. W−2 of each window) goes through every exit in
+    turn. delta_1 compares the first exit with `reference` (`first_reference`): block 0 as the official statistics,
+    or 'previous_block' as inference."""
     g = torch.Generator().manual_seed(seed)
     N, W = data["arm"].shape[:2]
     E = len(policy.exits)
     feats = policy.exit_features(data["tokens"].flatten(0, 1), data["ids"].repeat_interleave(W, 0),
-                                 data["mask"].repeat_interleave(W, 0)).reshape(-1, N, W, policy.cfg.hidden_size)
+                                 data["mask"].repeat_interleave(W, 0), reference).reshape(-1, N, W, policy.cfg.hidden_size)
     ex = feats[-E:]
     rand = ex[torch.randint(0, E, (N, W), generator=g), torch.arange(N)[:, None], torch.arange(W)[None]]   # (N, W, d)
     out = []

@@ -14,17 +14,32 @@ from scipy import stats
 from torch import Tensor, nn
 
 from .core import count_flops
-from .vlm import (QABatch, TinyVLM, Vocab, answer_strings, attention_map, drop_visual_tokens, generate, keep_count,
+from .vlm import (QABatch, TinyVLM, Vocab, answer_strings, attention_map, drop_visual_tokens, generate,
                           reduce_visual_tokens,
                           confidence as vlm_confidence,
-                          last_token_attention, top_visual)
+                          last_token_attention)
 
 # %% auto #0
-__all__ = ['RANKINGS', 'TOME', 'METHODS', 'INTERNVL2', 'MODEL_CARD_PARAMS', 'RETENTIONS', 'Answers', 'answer',
-           'aggregated_scores', 'fastv_scores', 'random_scores', 'bipartite_match', 'merge_wavg', 'tome_reduce',
-           'layer_keys', 'merge_visual_tokens', 'recall_at', 'topk_overlap', 'rank_correlation', 'consistency', 'fuse',
-           'exit_curve', 'random_routing', 'curve_area', 'InternVL2Config', 'build_internvl2', 'prefill_flops',
-           'prefill_flops_formula', 'run_pair']
+__all__ = ['RANKINGS', 'TOME', 'METHODS', 'INTERNVL2', 'MODEL_CARD_PARAMS', 'RETENTIONS', 'keep_count', 'top_visual', 'Answers',
+           'answer', 'aggregated_scores', 'fastv_scores', 'random_scores', 'bipartite_match', 'merge_wavg',
+           'tome_reduce', 'layer_keys', 'merge_visual_tokens', 'recall_at', 'topk_overlap', 'rank_correlation',
+           'consistency', 'fuse', 'exit_curve', 'random_routing', 'curve_area', 'InternVL2Config', 'build_internvl2',
+           'prefill_flops', 'prefill_flops_formula', 'run_pair']
+
+# %% ../nbs/31_sgl.ipynb #sgl0keep1
+def keep_count(n_vis: int, retention: float, at_least_one: bool = False) -> int:
+    "Visual tokens kept at `retention`: the official int(n_vis · keep_ratio) with a float32 product, 0 when n_vis · retention < 1; `at_least_one` keeps max(1, ·)."
+    if not isinstance(n_vis, int) or n_vis < 1: raise ValueError(f"n_vis must be a positive int, got {n_vis!r}")
+    if not 0 < retention <= 1: raise ValueError(f"retention {retention!r} must lie in (0, 1]")
+    k = int(torch.tensor([n_vis]) * retention)  # official: an int64 tensor (the image-token span) times a float -> float32
+    return max(1, k) if at_least_one else k
+
+
+def top_visual(scores: Tensor, retention: float, at_least_one: bool = False) -> Tensor:
+    "(B, n_vis) importance → sorted indices (B, k) of the top `keep_count(n_vis, retention)` visual tokens; (B, 0) when k is 0."
+    k = keep_count(scores.shape[1], retention, at_least_one)
+    return scores.topk(k, dim=1).indices.sort(dim=1).values
+
 
 # %% ../nbs/31_sgl.ipynb #94dbec71
 RANKINGS = ("SGL (small, aggregated)", "oracle (large, aggregated)", "FastV (large, layer K-1)", "random")
@@ -147,16 +162,17 @@ def merge_visual_tokens(model: nn.Module, keep: int, layer: int, layout: slice |
 
 
 # %% ../nbs/31_sgl.ipynb #9b6be009
-def recall_at(scores: Tensor, relevant: Tensor, retention: float) -> Tensor:
-    "Share of the relevant visual tokens (N, n_vis) bool that the top int(n_vis · retention) by `scores` keep: (N,)."
+def recall_at(scores: Tensor, relevant: Tensor, retention: float, at_least_one: bool = False) -> Tensor:
+    "Share of the relevant visual tokens (N, n_vis) bool that the top `keep_count(n_vis, retention)` by `scores` keep: (N,)."
     keep = torch.zeros_like(relevant)
-    keep.scatter_(1, top_visual(scores, retention), True)
+    keep.scatter_(1, top_visual(scores, retention, at_least_one), True)
     return (keep & relevant).sum(1) / relevant.sum(1).clamp_min(1)
 
 
-def topk_overlap(a: Tensor, b: Tensor, retention: float) -> Tensor:
-    "|top-k(a) ∩ top-k(b)| / k per row, with k = int(n_vis · retention): (N,)."
-    k = keep_count(a.shape[1], retention)
+def topk_overlap(a: Tensor, b: Tensor, retention: float, at_least_one: bool = False) -> Tensor:
+    "|top-k(a) ∩ top-k(b)| / k per row, with k = `keep_count(n_vis, retention)`: (N,); NaN when k = 0 (nothing kept, no overlap to measure)."
+    k = keep_count(a.shape[1], retention, at_least_one)
+    if k == 0: return torch.full((a.shape[0],), float("nan"))
     ka = torch.zeros(a.shape, dtype=torch.bool).scatter_(1, a.topk(k, 1).indices, True)
     kb = torch.zeros(b.shape, dtype=torch.bool).scatter_(1, b.topk(k, 1).indices, True)
     return (ka & kb).sum(1) / k
@@ -169,13 +185,13 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
 # %% ../nbs/31_sgl.ipynb #e987000a
 @torch.no_grad()
 def consistency(model: TinyVLM, data: QABatch, ans: Answers, scores: Tensor, ratio: float = 0.05,
-                batch_size: int = 200) -> Tensor:
+                batch_size: int = 200, at_least_one: bool = False) -> Tensor:
     "Official consistency: product over its generated tokens of the probabilities the model gives them when only its top `ratio` visual tokens are kept from layer 0 (teacher forced): (N,)."
     out = []
     for sl in _batches(len(data), batch_size):
         text, length, n_gen = ans.text[sl], ans.length[sl], ans.n_gen[sl]
         mask = (torch.arange(text.shape[1]) < length[:, None]).long()
-        keep = top_visual(scores[sl], ratio)
+        keep = top_visual(scores[sl], ratio, at_least_one)
         with drop_visual_tokens(model, keep, 0):
             logp = model(data.images[sl], text, attention_mask=mask).logits.float().log_softmax(-1)
         # after pruning the sequence is [bos, k visual, text]; the token at text position t is predicted at row k + t
@@ -274,9 +290,10 @@ def build_internvl2(cfg: InternVL2Config, device: str = "meta") -> nn.Module:
     return nn.ModuleDict({"vision_model": vision, "mlp1": mlp1, "language_model": lm})
 
 
-def prefill_flops(lm: nn.Module, retention: float, layer: int, n_vis: int = 256, n_before: int = 5, n_after: int = 40) -> int:
-    "MACs of the LM prefill over [n_before text, n_vis visual, n_after text] with visual tokens cut to `retention` from `layer` (logits of the last token only)."
-    check = keep_count(n_vis, retention)
+def prefill_flops(lm: nn.Module, retention: float, layer: int, n_vis: int = 256, n_before: int = 5, n_after: int = 40,
+                  at_least_one: bool = False) -> int:
+    "MACs of the LM prefill over [n_before text, n_vis visual, n_after text] with visual tokens cut to `retention` (`keep_count`) from `layer` (logits of the last token only)."
+    check = keep_count(n_vis, retention, at_least_one)
     L = n_before + n_vis + n_after
     dev = next(lm.parameters()).device
     emb = torch.zeros(1, L, lm.config.hidden_size, device=dev)
@@ -301,12 +318,12 @@ RETENTIONS = (0.64, 0.35, 0.09)
 
 @torch.no_grad()
 def run_pair(small: TinyVLM, large: TinyVLM, data: QABatch, vocab: Vocab, retentions=RETENTIONS, seed: int = 0,
-             layer: int | None = None, consistency_ratio: float = 0.05) -> dict:
-    "Everything the chapter measures for one (small, large) pair on `data`: scores of each ranking, accuracies at each retention (and ToMe's), recalls, overlaps, exit scores."
+             layer: int | None = None, consistency_ratio: float = 0.05, at_least_one: bool = False) -> dict:
+    "Everything the chapter measures for one (small, large) pair on `data`: scores of each ranking, accuracies at each retention (and ToMe's), recalls, overlaps, exit scores; token counts by `keep_count(·, at_least_one)`."
     layer = large.cfg.prune_layer if layer is None else layer
     if not 0 <= layer < large.cfg.num_layers:
         raise ValueError(f"pruning layer {layer!r} is beyond the large model's depth {large.cfg.num_layers}")
-    for r in retentions: keep_count(large.cfg.n_vis, r)
+    for r in retentions: keep_count(large.cfg.n_vis, r, at_least_one)
     small_ans, large_ans = answer(small, data, vocab), answer(large, data, vocab)
     scores = {RANKINGS[0]: aggregated_scores(small, data, small_ans),
               RANKINGS[1]: aggregated_scores(large, data, large_ans),
@@ -315,13 +332,16 @@ def run_pair(small: TinyVLM, large: TinyVLM, data: QABatch, vocab: Vocab, retent
     acc, recall = {}, {}
     for name, s in scores.items():
         for r in retentions:
-            acc[(name, r)] = answer(large, data, vocab, top_visual(s, r), layer).correct
-            recall[(name, r)] = recall_at(s, data.relevant, r)
+            acc[(name, r)] = answer(large, data, vocab, top_visual(s, r, at_least_one), layer).correct
+            recall[(name, r)] = recall_at(s, data.relevant, r, at_least_one)
     for r in retentions:
-        acc[(TOME, r)] = answer(large, data, vocab, layer=layer, merge_to=keep_count(large.cfg.n_vis, r)).correct
+        k = keep_count(large.cfg.n_vis, r, at_least_one)
+        # ToMe cannot merge down to no token; with nothing kept every method is the large model without visual tokens
+        acc[(TOME, r)] = (answer(large, data, vocab, layer=layer, merge_to=k) if k else
+                          answer(large, data, vocab, torch.zeros(len(data), 0, dtype=torch.long), layer)).correct
     conf = vlm_confidence(small_ans.max_prob, small_ans.n_gen)
-    cons = consistency(small, data, small_ans, scores[RANKINGS[0]], consistency_ratio)
+    cons = consistency(small, data, small_ans, scores[RANKINGS[0]], consistency_ratio, at_least_one=at_least_one)
     return {"scores": scores, "small": small_ans.correct, "large": large_ans.correct, "acc": acc, "recall": recall,
             "confidence": conf, "consistency": cons, "layer": layer,
-            "overlap": {r: topk_overlap(scores[RANKINGS[0]], scores[RANKINGS[1]], r) for r in retentions},
+            "overlap": {r: topk_overlap(scores[RANKINGS[0]], scores[RANKINGS[1]], r, at_least_one) for r in retentions},
             "rank_corr": rank_correlation(scores[RANKINGS[0]], scores[RANKINGS[1]])}

@@ -1,4 +1,4 @@
-"Tests of the DeeR-VLA chapter (paperlab.deer): the exit rule, the budget solver against the official outputs, caps, replay."
+"Tests of the DeeR-VLA chapter (paperlab.deer): the exit rule, the budget solver against the official outputs (float32 thresholds), the first exit's reference, caps, replay."
 import json
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 
 from paperlab.core import count_params, repo_root
 from paperlab.deer import (ChainEnv, FlamingoLLM, FlamingoLLMConfig, MultiExitPolicy, PolicyConfig, TaskConfig, Vocab,
-                           dynamic_step, exit_blocks, exit_profile, heads_loss, rollout, simulate_exits, solve_thresholds,
-                           thresholds_for_budget, truncate)
+                           dynamic_step, exit_blocks, exit_profile, exit_statistics, first_reference, heads_loss, rms_delta,
+                           rollout, simulate_exits, solve_thresholds, thresholds_for_budget, truncate)
 
 GOLDEN = repo_root() / "data" / "deer" / "golden"
 
@@ -61,6 +61,74 @@ def test_golden_official_threshold_solver():
         # sensitivity: a slightly different q changes the thresholds, so the comparison can fail
         if c["name"] == "deer_b_q1.0":
             assert not np.array_equal(solve_thresholds(vals[c["values"]], 1.05, K), ours)
+
+
+def _sentinels(t) -> np.ndarray:
+    "The official ±1e8 thresholds as ±inf."
+    t = np.asarray(t, dtype=np.float64)
+    return np.where(t >= 1e8, np.inf, np.where(t <= -1e8, -np.inf, t))
+
+
+def test_golden_official_thresholds_are_float32_on_float64_statistics():
+    # value_net.py:213 stores thresholds in a float32 torch.Tensor; the golden file is that code run on float64 values
+    golden = json.loads((GOLDEN / "thresholds_float64.json").read_text())
+    vals = np.load(GOLDEN / "values_float64.npz")
+    assert len(golden["cases"]) == 40
+    changed = 0
+    for c in golden["cases"]:
+        v, ref = vals[c["values"]], _sentinels(c["thresholds"])
+        assert v.dtype == np.float64
+        ours = solve_thresholds(v, c["exit_ratio"])
+        assert ours.dtype == np.float32
+        np.testing.assert_array_equal(ours.astype(np.float64), ref, err_msg=c["name"])
+        np.testing.assert_array_equal(simulate_exits(v, ours), simulate_exits(v, ref))
+        exact = solve_thresholds(v, c["exit_ratio"], dtype=torch.float64)   # the option: unrounded thresholds
+        changed += not np.array_equal(simulate_exits(v, exact), simulate_exits(v, ref))
+    assert changed >= 30, changed   # 38 of 40 cases: the rounding moves some step to another exit, so the test can fail
+    th, _ = thresholds_for_budget(vals["c0"], 5.0, [2, 4, 6, 8, 10, 12])
+    assert th.dtype == np.float32
+    with pytest.raises(ValueError, match="dtype"):
+        solve_thresholds(vals["c0"], 1.0, dtype=torch.float16)
+
+
+def _two_step_windows(policy, n=5, seed=3):
+    "Windows of W = 2 steps (the statistics score step 0 only, with no history): tokens of two consecutive steps of n scenes."
+    env = ChainEnv(TaskConfig(), batch=n, seed=seed)
+    t0 = env.tokens()
+    env.step(*env.expert())
+    ids, mask = policy.tokenize(env.instructions())
+    return dict(tokens=torch.stack([t0, env.tokens()], 1), ids=ids, mask=mask, arm=torch.zeros(n, 2, 2),
+                valid=torch.ones(n, 2, dtype=torch.bool))
+
+
+def test_statistics_compare_the_first_exit_with_block_0():
+    # value_net.py:136: statistics take feats[0], block 0's output; inference (:125) takes the block before the first exit
+    torch.manual_seed(1)
+    pol = MultiExitPolicy(PolicyConfig(num_layers=6, exit_interval=3), aux_heads=False).eval()
+    assert pol.exits == [2, 5] and first_reference(pol.exits, "layer0") == 0 and first_reference(pol.exits, "previous_block") == 1
+    data = _two_step_windows(pol)
+    got = exit_statistics(pol, data)
+    with torch.no_grad():   # by hand: transformers' own forward, every block's output caught by hooks, pooled, decoded
+        obs, ids, mask = data["tokens"][:, 0], data["ids"], data["mask"]
+        ctx, outs = pol.embed(obs, ids, mask), {}
+        hooks = [layer.register_forward_hook(lambda m, a, out, j=j: outs.update({j: out[0] if isinstance(out, tuple) else out}))
+                 for j, layer in enumerate(pol.layers)]
+        pol.lm.model(inputs_embeds=ctx["h"], attention_mask=ctx["keep"].long())
+        for h in hooks: h.remove()
+        act = {j: pol.head(MultiExitPolicy.pool(outs[j], ctx["keep"])[:, None])[0][:, 0] for j in outs}
+    np.testing.assert_allclose(got[0], rms_delta(act[2], act[0]).numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got[1], rms_delta(act[5], act[2]).numpy(), rtol=1e-5, atol=1e-7)
+    # the option follows inference (block 1); here the two differ, so the comparison above can fail
+    other = exit_statistics(pol, data, reference="previous_block")
+    np.testing.assert_allclose(other[0], rms_delta(act[2], act[1]).numpy(), rtol=1e-5, atol=1e-7)
+    assert np.abs(other[0] - got[0]).max() > 1e-3
+    # at the chapter's interval of 2 both references are block 0
+    pol2 = MultiExitPolicy(PolicyConfig(num_layers=4, exit_interval=2), aux_heads=False).eval()
+    np.testing.assert_array_equal(exit_statistics(pol2, data), exit_statistics(pol2, data, reference="previous_block"))
+    with pytest.raises(ValueError, match="exit_interval=1"):
+        exit_statistics(MultiExitPolicy(PolicyConfig(num_layers=2, exit_interval=1), aux_heads=False), data)
+    with pytest.raises(ValueError, match="unknown reference"):
+        exit_statistics(pol2, data, reference="block0")
 
 
 def test_offline_solver_meets_average_budget_on_its_data():

@@ -1,15 +1,16 @@
-"""SGL chapter: official aggregation and pruning (golden), ToMe against the official code (golden) and by hand, 100 % retention is exact, planted tokens recovered, consistency by hand, full-size counts, bad inputs."""
+"""SGL chapter: official aggregation and pruning (golden), the official kept count (zero allowed, golden), ToMe against the official code (golden) and by hand, 100 % retention is exact, planted tokens recovered, consistency by hand, full-size counts, bad inputs."""
 import numpy as np
 import pytest
 import torch
 
 from paperlab.core import repo_root
-from paperlab.sgl import (INTERNVL2, RANKINGS, answer, bipartite_match, build_internvl2, consistency, fuse,
-                          layer_keys, merge_visual_tokens, merge_wavg, prefill_flops, prefill_flops_formula, recall_at,
-                          run_pair, tome_reduce, topk_overlap)
-from paperlab.vlm import VLM_SIZES, TinyVLM, Vocab, aggregate_attention, keep_count, make_qa, sequence_keep_index, top_visual
+from paperlab.sgl import (INTERNVL2, METHODS, RANKINGS, answer, bipartite_match, build_internvl2, consistency, fuse,
+                          keep_count, layer_keys, merge_visual_tokens, merge_wavg, prefill_flops, prefill_flops_formula,
+                          recall_at, run_pair, tome_reduce, top_visual, topk_overlap)
+from paperlab.vlm import VLM_SIZES, TinyVLM, Vocab, aggregate_attention, drop_visual_tokens, make_qa, sequence_keep_index
 
 GOLD = repo_root() / "data/sgl/golden/official_aggregation_pruning.npz"
+GOLD_ZERO = repo_root() / "data/sgl/golden/official_pruning_zero_kept.npz"
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,55 @@ def test_golden_official_aggregation_and_pruning():
     # sensitivity: the helper's variant (rows after the last visual token) differs
     late = aggregate_attention([a[:, :, 1:, :] for a in torch.from_numpy(g["attentions"])], slice(layout.start - 1, layout.stop - 1))[0]
     assert np.abs(late.numpy() - g["importance"]).max() > 1e-3
+
+
+def test_golden_official_kept_count_can_be_zero():
+    # modeling_internlm2.py:997 keeps int(n_vis * keep_ratio) visual tokens, no floor at one (official lines run verbatim)
+    g, z = np.load(GOLD), np.load(GOLD_ZERO)
+    layout = slice(int(g["v0"]), int(g["v1"]) + 1)
+    imp, hs = torch.from_numpy(g["importance"]), torch.from_numpy(g["hidden_states"])
+    for r in (0.1, 0.16, 0.17):  # 6 visual tokens: 0, 0 and 1 kept
+        idx = sequence_keep_index(top_visual(imp[None], r), layout, int(g["prefill"]))[0]
+        np.testing.assert_array_equal(idx.numpy(), z[f"keep_{r}"])
+        np.testing.assert_array_equal(hs[:, idx].numpy(), z[f"hidden_{r}"])
+    assert keep_count(6, 0.16) == 0 and keep_count(6, 0.16, at_least_one=True) == 1
+    # the official product is float32 (an int64 tensor times a float): 29 tokens where Python's int(100 * 0.29) gives 28
+    assert keep_count(100, 0.29) == len(z["big_keep_0.29"]) - 5 == 29
+    big = sequence_keep_index(top_visual(torch.from_numpy(z["big_importance"])[None], 0.29), slice(3, 103), 105)[0]
+    np.testing.assert_array_equal(big.numpy(), z["big_keep_0.29"])
+    with pytest.raises(ValueError, match="retention"): keep_count(36, 0.0)
+    with pytest.raises(ValueError, match="n_vis"): keep_count(0, 0.5)
+
+
+def test_zero_kept_tokens_run_the_large_model_on_text_alone(pair):
+    _, large = pair
+    d = make_qa(3, seed=7)
+    K, lm = large.cfg.prune_layer, large.lm.model
+    keep = top_visual(torch.rand(3, 36, generator=torch.Generator().manual_seed(1)), 0.02)  # int(36 * 0.02) = 0
+    assert keep.shape == (3, 0)
+    with torch.no_grad():
+        with drop_visual_tokens(large, keep, K):
+            got = large(d.images, d.text).logits
+        # by hand: the input of layer K without its visual tokens, original positions, causal mask, the remaining layers
+        emb, layout = large.embed(d.images, d.text)
+        h = lm(inputs_embeds=emb, output_hidden_states=True).hidden_states[K]
+        B, L = h.shape[:2]
+        P = torch.cat([torch.arange(layout.start), torch.arange(layout.stop, L)]).expand(B, -1)
+        h = h[:, P[0]]
+        cos_sin = lm.rotary_emb(h, P)
+        m4 = torch.zeros(B, 1, P.shape[1], P.shape[1]).masked_fill(~torch.ones(P.shape[1], P.shape[1], dtype=torch.bool).tril(), torch.finfo(h.dtype).min)
+        for layer in lm.layers[K:]:
+            h = layer(h, attention_mask=m4, position_embeddings=cos_sin, position_ids=P)
+        ref = large.lm.lm_head(lm.norm(h))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # with nothing kept every method answers alike: same accuracy, no recall, an undefined overlap
+    small, _ = pair
+    res = run_pair(small, large, d, Vocab(), retentions=(0.02,), layer=K)
+    accs = [res["acc"][(m, 0.02)] for m in METHODS]
+    assert all(torch.equal(a, accs[0]) for a in accs)
+    assert all(float(res["recall"][(m, 0.02)].sum()) == 0 for m in RANKINGS)
+    assert res["overlap"][0.02].isnan().all()
+    assert (top_visual(torch.rand(3, 36), 0.02, at_least_one=True)).shape == (3, 1)  # the option keeps one
 
 
 def test_full_retention_reproduces_the_unpruned_large_model(pair):
