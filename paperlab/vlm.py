@@ -276,7 +276,7 @@ def check_pruning(cfg: VLMConfig, layer: int, retention: float | None = None) ->
 
 
 def keep_count(n_vis: int, retention: float) -> int:
-    "Visual tokens kept at `retention`: int(n_vis · retention) as the official code, at least one."
+    "Visual tokens kept at `retention`: max(1, int(n_vis · retention)), the book's toy rule (the official SGL code keeps int(n·ratio), which can be 0: see `paperlab.sgl.keep_count`)."
     if not 0 < retention <= 1: raise ValueError(f"retention {retention!r} must lie in (0, 1]")
     return max(1, int(n_vis * retention))
 
@@ -505,7 +505,7 @@ def train_vlm(cfg: VLMConfig, data: QABatch, steps: int, seed: int = 0, lr: floa
     seed_everything(seed)
     model = TinyVLM(cfg)
     if cache and path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu"))
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
     model.train()
     if vision_steps: pretrain_vision(model, data, vision_steps, seed, vision_lr, 64, freeze_vision, progress)
