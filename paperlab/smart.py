@@ -28,15 +28,16 @@ from .train import cosine_lr, param_groups
 
 # %% auto #0
 __all__ = ['THING_COLORS', 'PATTERNS', 'STUFF_CLASSES', 'THING_CLASSES', 'CLASSES', 'UNSEEN', 'SEEN', 'IS_THING', 'DOMAINS',
-           'WORDS', 'DATA_VERSION', 'VARIANTS', 'TUNINGS', 'SEEN_MASK', 'FULL_SIZE', 'ARMS', 'make_scene', 'scenes',
-           'semantic_map', 'tokenize', 'TinyClipConfig', 'tiny_clip', 'clip_input', 'text_classifier', 'caption',
-           'clip_loss', 'pretrain_clip', 'cached_module', 'pretrained_clip', 'mask_pooling', 'classification_logits',
-           'geometric_ensemble', 'semantic_inference', 'panoptic_inference', 'segments_of', 'panoptic_quality',
-           'pq_subset', 'mean_iou', 'MaskGeneratorConfig', 'clip_tokens', 'MaskGenerator', 'hungarian_match',
-           'set_loss', 'relabel', 'train_mask_generator', 'trained_mask_generator', 'train_scenes', 'block_forward',
-           'mask_attention_bias', 'ClassifierConfig', 'query_rows_mask', 'query_projection_params', 'MaskClassifier',
-           'pad_masks', 'train_classifier', 'predict', 'evaluate', 'full_size_clip', 'vit_tower_formula',
-           'tower_counts', 'run_arm', 'run_experiment', 'mask_token_attention', 'plot_mask_attention']
+           'WORDS', 'DATA_VERSION', 'POOL_ORDERS', 'VARIANTS', 'TUNINGS', 'SEEN_MASK', 'FULL_SIZE', 'ARMS',
+           'make_scene', 'scenes', 'semantic_map', 'tokenize', 'TinyClipConfig', 'tiny_clip', 'clip_input',
+           'text_classifier', 'caption', 'clip_loss', 'pretrain_clip', 'cached_module', 'pretrained_clip',
+           'mask_pooling', 'valid_masks', 'pooled_embedding', 'classification_logits', 'geometric_ensemble',
+           'semantic_inference', 'panoptic_inference', 'segments_of', 'panoptic_quality', 'pq_subset', 'mean_iou',
+           'MaskGeneratorConfig', 'clip_tokens', 'MaskGenerator', 'hungarian_match', 'set_loss', 'relabel',
+           'train_mask_generator', 'trained_mask_generator', 'train_scenes', 'block_forward', 'mask_attention_bias',
+           'ClassifierConfig', 'query_rows_mask', 'query_projection_params', 'MaskClassifier', 'pad_masks',
+           'train_classifier', 'predict', 'evaluate', 'full_size_clip', 'vit_tower_formula', 'tower_counts',
+           'eval_scenes', 'run_arm', 'run_experiment', 'mask_token_attention', 'plot_mask_attention']
 
 # %% ../nbs/33_smart.ipynb #1e81d94f
 THING_COLORS = ("red", "green", "blue", "yellow")  # indices 0..3 of paperlab.data.PALETTE
@@ -263,6 +264,26 @@ def mask_pooling(x: Tensor, mask: Tensor) -> Tensor:
     return torch.einsum("bchw,bqhw->bqc", x, mask / (mask.sum(dim=(-1, -2), keepdim=True) + 1e-8))
 
 
+def valid_masks(mask: Tensor, size: Sequence[int]) -> Tensor:
+    "FC-CLIP's valid_masking: mask logits (B, Q, H, W) resized bilinearly to `size` (the CLIP grid) -> (B, Q) bool, True where a pixel is > 0."
+    if mask.dim() != 4: raise ValueError(f"mask must be (B, Q, H, W) logits, got shape {tuple(mask.shape)}")
+    return (F.interpolate(mask, size=tuple(size), mode="bilinear", align_corners=False) > 0).flatten(2).any(-1)
+
+
+POOL_ORDERS = ("pool_first", "head_first")
+
+
+def pooled_embedding(x: Tensor, mask: Tensor, norm: nn.Module, proj: Tensor, order: str = "pool_first") -> Tensor:
+    "FC-CLIP's out-of-vocabulary embedding on a ViT: pre-head features x (B, width, h, w), mask logits (B, Q, H, W) -> (B, Q, E)."
+    if order == "pool_first":  # FC-CLIP: MaskPooling, then visual_prediction_forward (ConvNeXt: LayerNorm + MLP; ViT: ln_post + proj)
+        return norm(mask_pooling(x, mask)) @ proj
+    if order == "head_first":  # the head on every patch token, then pooling (this chapter's first version)
+        B, _, h, w = x.shape
+        dense = norm(x.flatten(2).transpose(1, 2)) @ proj
+        return mask_pooling(dense.transpose(1, 2).reshape(B, -1, h, w), mask)
+    raise ValueError(f"unknown order {order!r}: expected one of {POOL_ORDERS}")
+
+
 def classification_logits(x: Tensor, text: Tensor, logit_scale: Tensor, num_templates: Sequence[int]) -> Tensor:
     "FC-CLIP's get_classification_logits: x (B, Q, E), text (sum(num_templates) + 1, E) with void last -> (B, Q, C + 1), max over templates."
     if sum(num_templates) + 1 != text.shape[0]:
@@ -273,8 +294,9 @@ def classification_logits(x: Tensor, text: Tensor, logit_scale: Tensor, num_temp
     return torch.stack(per_class + [logits[..., -1]], dim=-1)
 
 
-def geometric_ensemble(in_logits: Tensor, out_logits: Tensor, seen: Tensor, alpha: float = 0.4, beta: float = 0.8) -> Tensor:
-    "FC-CLIP's in/out-vocabulary ensemble: in_logits (..., C + 1) with void last, out_logits (..., C), seen (C,) bool -> log-probs (..., C + 1)."
+def geometric_ensemble(in_logits: Tensor, out_logits: Tensor, seen: Tensor, alpha: float = 0.4, beta: float = 0.8,
+                       valid: Tensor | None = None) -> Tensor:
+    "FC-CLIP's ensemble: in_logits (..., C + 1) void last, out_logits (..., C), seen (C,) bool -> log-probs (..., C + 1); valid (...) False drops the CLIP term (ensemble_on_valid_mask)."
     if in_logits.shape[-1] != out_logits.shape[-1] + 1 or seen.shape[-1] != out_logits.shape[-1]:
         raise ValueError(f"shapes disagree: in {tuple(in_logits.shape)}, out {tuple(out_logits.shape)}, seen {tuple(seen.shape)}")
     for name, v in (("alpha", alpha), ("beta", beta)):
@@ -282,6 +304,11 @@ def geometric_ensemble(in_logits: Tensor, out_logits: Tensor, seen: Tensor, alph
     p_in = in_logits[..., :-1].softmax(-1)
     p_out = out_logits.softmax(-1)
     seen = seen.to(p_in.dtype)
+    if valid is not None:
+        if valid.shape != in_logits.shape[:-1]:
+            raise ValueError(f"valid must have shape {tuple(in_logits.shape[:-1])} (one flag per mask), got {tuple(valid.shape)}")
+        v = valid.to(p_in.dtype)[..., None]
+        alpha, beta = alpha * v, beta * v  # fcclip.py: alpha = ones_like(...) * alpha * valid_masking
     logits = ((p_in ** (1 - alpha) * p_out ** alpha).log() * seen
               + (p_in ** (1 - beta) * p_out ** beta).log() * (1 - seen))
     p_void = in_logits.softmax(-1)[..., -1:]
@@ -539,14 +566,16 @@ def mask_attention_bias(masks: Tensor, grid: int, allow_empty: bool = False) -> 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    "The out-of-vocabulary mask classifier: `variant` in VARIANTS, `tuning` in TUNINGS, mask tokens in the last `mask_layers` blocks."
+    "The out-of-vocabulary mask classifier: `variant` in VARIANTS, `tuning` in TUNINGS, mask tokens in the last `mask_layers` blocks, `pool_order` of the `pool` variant."
     variant: str = "sma"
     tuning: str = "qpt"
     mask_layers: int = 2
+    pool_order: str = "pool_first"
 
     def __post_init__(self):
         if self.variant not in VARIANTS: raise ValueError(f"unknown variant {self.variant!r}: expected one of {VARIANTS}")
         if self.tuning not in TUNINGS: raise ValueError(f"unknown tuning {self.tuning!r}: expected one of {TUNINGS}")
+        if self.pool_order not in POOL_ORDERS: raise ValueError(f"unknown pool_order {self.pool_order!r}: expected one of {POOL_ORDERS}")
 
 
 def query_rows_mask(block: nn.Module) -> Tensor:
@@ -605,7 +634,7 @@ class MaskClassifier(nn.Module):
         return self.visual.ln_post(tokens[:, 1:]) @ self.visual.proj
 
     def forward(self, images: Tensor, masks: Tensor, text: Tensor, return_attn: bool = False, allow_empty: bool = False):
-        "Logits (B, Q, C) of each mask against `text` (C, E); with return_attn also the last block's mask-token attention (B, Q, N)."
+        "Logits (B, Q, C) of masks (B, Q, H, W), bool or float logits (inside where > 0), against `text` (C, E); return_attn adds the mask tokens' attention (B, Q, N)."
         vis, cfg = self.visual, self.cfg
         x = vis._embeds(clip_input(images))
         blocks = vis.transformer.resblocks
@@ -615,12 +644,13 @@ class MaskClassifier(nn.Module):
         N, grid = T - 1, vis.grid_size[0]
         if cfg.variant == "pool":
             for blk in blocks[first:]: x, a = block_forward(blk, x)
-            dense = self.dense(x).transpose(1, 2).reshape(B, -1, grid, grid)
-            logit_masks = masks.float() * 2 - 1  # bool masks as logits: > 0 inside
-            pooled = mask_pooling(dense, logit_masks)
-            out = classification_logits(pooled, torch.cat([text, text[:1]]), self.logit_scale, [1] * len(text))[..., :-1]
+            feats = x[:, 1:].transpose(1, 2).reshape(B, W, grid, grid)  # the ViT's clip_vis_dense: patch tokens before ln_post
+            logit_masks = masks.to(x.dtype) * 2 - 1 if masks.dtype == torch.bool else masks  # a hard mask as logits +-1
+            emb = pooled_embedding(feats, logit_masks, vis.ln_post, vis.proj, cfg.pool_order)
+            out = classification_logits(emb, torch.cat([text, text[:1]]), self.logit_scale, [1] * len(text))[..., :-1]
             return (out, None) if return_attn else out
-        allowed = mask_attention_bias(masks, grid, allow_empty)  # (B, Q, N)
+        binary = masks if masks.dtype == torch.bool else masks > 0  # mask tokens see a mask binarised at full resolution
+        allowed = mask_attention_bias(binary, grid, allow_empty)  # (B, Q, N)
         Q = allowed.shape[1]
         sem = self.w_t(text).expand(B, -1, -1) if cfg.variant == "sma" else x.new_zeros(B, 0, W)
         S = sem.shape[1]
@@ -683,8 +713,9 @@ SEEN_MASK = torch.tensor([c in SEEN for c in CLASSES])
 
 @torch.no_grad()
 def predict(gen: MaskGenerator, clf: MaskClassifier | None, clip: open_clip.CLIP, test: Sequence[dict],
-            alpha: float = 0.4, beta: float = 0.8, oracle: str | None = None, batch: int = 64) -> dict:
-    "Panoptic and semantic predictions for `test` scenes; oracle None, 'classification' or 'masks'."
+            alpha: float = 0.4, beta: float = 0.8, oracle: str | None = None, batch: int = 64,
+            ensemble_on_valid_mask: bool = False) -> dict:
+    "Panoptic and semantic predictions for `test` scenes; oracle None, 'classification' or 'masks'; FC-CLIP's ensemble_on_valid_mask option."
     if oracle not in (None, "classification", "masks"): raise ValueError(f"unknown oracle {oracle!r}")
     text = text_classifier(clip, CLASSES)
     panoptic, semantic = [], []
@@ -704,8 +735,9 @@ def predict(gen: MaskGenerator, clf: MaskClassifier | None, clip: open_clip.CLIP
             mask_pred = gt.float() * 20 - 10
         masks_bin = mask_pred > 0
         if clf is None: out_logits = torch.zeros(in_logits.shape[:-1] + (len(CLASSES),))
-        else: out_logits = clf(images, masks_bin, text, allow_empty=True)
-        mask_cls = geometric_ensemble(in_logits, out_logits, SEEN_MASK, alpha, beta)
+        else: out_logits = clf(images, mask_pred, text, allow_empty=True)  # the mask logits, as FC-CLIP's classifier gets them
+        valid = valid_masks(mask_pred, clip.visual.grid_size) if ensemble_on_valid_mask else None
+        mask_cls = geometric_ensemble(in_logits, out_logits, SEEN_MASK, alpha, beta, valid)
         if oracle == "classification":  # matched queries get the ground-truth label
             for b, s in enumerate(chunk):
                 qi, gi = _iou_match(masks_bin[b], s["masks"])
@@ -771,6 +803,11 @@ ARMS = (("fcclip", "pool", "frozen"), ("token/frozen", "token", "frozen"), ("tok
         ("sma/full", "sma", "full"), ("sma_bias/qpt", "sma_bias", "qpt"))
 
 
+def eval_scenes(n: int, seed: int) -> dict[str, list[dict]]:
+    "The test scenes of one seed: `n` scenes with all 19 classes in each domain of DOMAINS."
+    return {d: scenes(n, seed=5000 + seed, domain=d) for d in DOMAINS}
+
+
 def run_arm(clip: open_clip.CLIP, gen: MaskGenerator, train: Sequence[dict], tests: dict[str, list[dict]],
             variant: str, tuning: str, steps: int, seed: int, oracles: bool = False, batch: int = 16) -> tuple[dict, MaskClassifier]:
     "Train one arm's classifier and evaluate it on each test set; returns metrics (with train_s, trainable) and the classifier."
@@ -795,7 +832,7 @@ def run_experiment(clip: open_clip.CLIP, gen: MaskGenerator, seeds: Sequence[int
     rows, clfs = [], {}
     train = train_scenes(n_train, seed=0)
     for seed in tqdm(seeds, desc="seeds"):
-        tests = {d: scenes(n_test, seed=5000 + seed, domain=d) for d in DOMAINS}
+        tests = eval_scenes(n_test, seed)
         for name, variant, tuning in arms:
             res, clfs[name] = run_arm(clip, gen, train, tests, variant, tuning, steps, seed, oracles=name in oracle_arms)
             rows.append({"arm": name, "seed": seed, **res})

@@ -2,13 +2,15 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from paperlab.core import repo_root
 from paperlab.data import PALETTE
 from paperlab.smart import (CLASSES, IS_THING, THING_CLASSES, THING_COLORS, UNSEEN, ClassifierConfig, MaskClassifier, classification_logits,
-                            geometric_ensemble, make_scene, mask_attention_bias, mask_pooling, panoptic_inference,
-                            panoptic_quality, scenes, semantic_inference, text_classifier, tiny_clip, tokenize, train_classifier,
-                            train_scenes)
+                            clip_input, geometric_ensemble, make_scene, mask_attention_bias, mask_pooling, panoptic_inference,
+                            panoptic_quality, pooled_embedding, scenes, semantic_inference, text_classifier, tiny_clip, tokenize,
+                            train_classifier, train_scenes, valid_masks)
 
 
 def _segs(s):
@@ -70,6 +72,58 @@ def test_golden_fcclip():
     assert torch.equal(seg, gold["pan_seg"]) and [s["category_id"] for s in info] == gold["pan_cat"].tolist()
 
 
+def test_golden_fcclip_out_of_vocabulary_path():
+    # FC-CLIP commit 2b0bbe2, FCCLIP.forward lines 354-402 run as is (fcclip.py:355 resizes the mask logits, MaskPooling
+    # thresholds them, fcclip.py:358-359 pools and then applies the head), the ConvNeXt head carrying a ViT's ln_post and proj
+    z = np.load(repo_root() / "data" / "smart" / "golden" / "fcclip_pool_golden.npz")
+    g = {k: torch.from_numpy(z[k]) for k in z.files if k != "commit"}
+    ln = nn.LayerNorm(g["ln_weight"].shape[0]).double()
+    with torch.no_grad():
+        ln.weight.copy_(g["ln_weight"]); ln.bias.copy_(g["ln_bias"])
+        def path(masks, order="pool_first"):
+            emb = pooled_embedding(g["feats"], masks, ln, g["proj"], order)
+            return classification_logits(emb, g["text"], g["logit_scale"], g["templates"].tolist())
+        out = path(g["masks"])
+        assert (out - g["out_vocab"]).abs().max() < 1e-12
+        valid = valid_masks(g["masks"], g["feats"].shape[-2:])
+        assert torch.equal(valid, g["valid"].bool()) and (~valid).sum() == 2  # one vanishing mask, one empty mask
+        for flag, v in ((0, None), (1, valid)):
+            ens = geometric_ensemble(g["in_logits"], out[..., :-1], g["seen"].bool(), 0.4, 0.8, valid=v)
+            assert (ens - g[f"ens_valid{flag}"]).abs().max() < 1e-12
+        # each of the first version's two shortcuts misses the official output by far more than the tolerance
+        assert (path(g["masks"], "head_first") - g["out_vocab"]).abs().max() > 1e-2
+        assert (path((g["masks"] > 0).double() * 2 - 1) - g["out_vocab"]).abs().max() > 1e-2
+
+
+def test_pool_classifier_is_fcclip_order():
+    # The `pool` classifier must do what fcclip.py:355-359 does, on a ViT: resize the mask *logits* to the CLIP grid,
+    # threshold at 0, average the final patch tokens (before ln_post) under the mask, then ln_post and proj.
+    # Computed here independently: open_clip's own transformer forward and a loop over masks.
+    torch.manual_seed(0)
+    clip = tiny_clip().double().eval()
+    clf = MaskClassifier(clip, ClassifierConfig("pool", "frozen"))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    logits = F.interpolate(torch.randn(2, 4, 5, 5, generator=g, dtype=torch.float64), size=(32, 32), mode="bicubic",
+                           align_corners=False) + 0.4  # smooth mask logits at the image resolution
+    text = F.normalize(torch.randn(5, 64, generator=g, dtype=torch.float64), dim=-1)
+    vis = clip.visual
+    with torch.no_grad():
+        tokens = vis.transformer(vis._embeds(clip_input(images)))[:, 1:]  # (B, 64, width)
+        cells = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False) > 0
+        assert cells.flatten(2).any(-1).all()
+        want = torch.empty(2, 4, 5, dtype=torch.float64)
+        for b in range(2):
+            for q in range(4):
+                emb = vis.ln_post(tokens[b][cells[b, q].flatten()].mean(0)) @ vis.proj
+                want[b, q] = clip.logit_scale.exp().clamp(max=100) * F.normalize(emb, dim=-1) @ text.T
+        assert (clf(images, logits, text) - want).abs().max() < 1e-8
+        # the test can fail: the head-first order, or masks thresholded before resizing, each miss it
+        head_first = MaskClassifier(clip, ClassifierConfig("pool", "frozen", pool_order="head_first"))
+        assert (head_first(images, logits, text) - want).abs().max() > 1e-3
+        assert (clf(images, logits > 0, text) - want).abs().max() > 1e-3
+
+
 def test_scenes_masks_and_labels_agree():
     for s in scenes(50, seed=4):
         assert s["masks"].sum(0).eq(1).all()
@@ -115,3 +169,11 @@ def test_bad_inputs():
         ClassifierConfig("nope", "qpt")
     with pytest.raises(ValueError, match="num_templates"):
         classification_logits(torch.randn(1, 2, 4), torch.randn(3, 4), torch.tensor(1.0), [1, 1, 1])
+    with pytest.raises(ValueError, match="pool_order"):
+        ClassifierConfig("pool", "frozen", pool_order="pool_last")
+    with pytest.raises(ValueError, match="order"):
+        pooled_embedding(torch.randn(1, 4, 2, 2), torch.randn(1, 1, 2, 2), nn.LayerNorm(4), torch.randn(4, 3), "sideways")
+    with pytest.raises(ValueError, match="valid"):
+        geometric_ensemble(torch.randn(2, 3, 6), torch.randn(2, 3, 5), torch.ones(5, dtype=torch.bool), valid=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask"):
+        valid_masks(torch.randn(3, 32, 32), (8, 8))
