@@ -16,25 +16,40 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['check_scan_args', 'selective_scan_sequential', 'linear_scan', 'selective_scan_chunked', 'mamba_ssm_interface',
-           'has_cuda_kernel', 'selective_scan_ref', 'selective_scan']
+           'has_cuda_kernel', 'kernel_groups_error', 'selective_scan_ref', 'selective_scan']
 
 # %% ../nbs/09_ssm.ipynb #d35c0b3a
+def _bc_groups(t: Tensor, name: str, b: int, d: int, n: int, L: int) -> int | None:
+    "The layout of B or C: None for time-invariant (D, N), else its groups G ((B, N, L) counts as G = 1)."
+    if t.dim() == 2 and t.shape == (d, n): return None
+    if t.dim() == 3 and t.shape == (b, n, L): return 1
+    if t.dim() == 4 and t.shape[0] == b and t.shape[2:] == (n, L) and t.shape[1] > 0 and d % t.shape[1] == 0:
+        return t.shape[1]
+    raise ValueError(f"{name} must be (dim={d}, state={n}), (batch={b}, state={n}, length={L}) or (batch={b}, groups, "
+                     f"state={n}, length={L}) with groups dividing dim={d}, got shape {tuple(t.shape)}")
+
+
 def check_scan_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                     z: Tensor | None = None, delta_bias: Tensor | None = None) -> tuple[int, int, int, int]:
-    "Validate mamba-ssm's layout — u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D, delta_bias (D,) — and return (B, D, L, N)."
+    "Validate mamba-ssm's layout — u, delta, z (B, D, L); A (D, N); B, C (D, N), (B, N, L) or (B, G, N, L); D, delta_bias (D,) — and return (B, D, L, N)."
+    if A.is_complex(): raise ValueError("complex A is not supported (mamba-ssm's S4D-complex variant); pass a real A")
     if u.dim() != 3: raise ValueError(f"u must be (batch, dim, length), got shape {tuple(u.shape)}")
     b, d, L = u.shape
     if delta.shape != u.shape: raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
     if A.dim() != 2 or A.shape[0] != d: raise ValueError(f"A must be (dim={d}, state), got shape {tuple(A.shape)}")
     n = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if t.shape != (b, n, L):
-            raise ValueError(f"{name} must be (batch={b}, state={n}, length={L}), got shape {tuple(t.shape)}")
+    _bc_groups(B, "B", b, d, n, L); _bc_groups(C, "C", b, d, n, L)
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and t.shape != (d,): raise ValueError(f"{name} must be (dim={d},), got shape {tuple(t.shape)}")
     if z is not None and z.shape != u.shape: raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
-    if A.is_complex(): raise ValueError("complex A is not supported (mamba-ssm's S4D-complex variant); pass a real A")
     return b, d, L, n
+
+
+def _per_channel(t: Tensor, d: int) -> Tensor:
+    "B or C in any checked layout -> a tensor that broadcasts against (B, D, N, L); group g serves channels g*D/G .. (g+1)*D/G - 1."
+    if t.dim() == 2: return t[None, :, :, None]           # (D, N): every batch and step
+    if t.dim() == 3: return t[:, None]                     # (B, N, L): every channel
+    return t if t.shape[1] == 1 else t.repeat_interleave(d // t.shape[1], dim=1)
 
 
 def _discretize(u, delta, A, B, delta_bias, delta_softplus, dtype):
@@ -43,13 +58,13 @@ def _discretize(u, delta, A, B, delta_bias, delta_softplus, dtype):
     if delta_bias is not None: delta = delta + delta_bias.to(dtype)[:, None]
     if delta_softplus: delta = F.softplus(delta)
     a = torch.exp(delta[:, :, None, :] * A[None, :, :, None])
-    b = (delta * u)[:, :, None, :] * B[:, None, :, :]
+    b = (delta * u)[:, :, None, :] * _per_channel(B, u.shape[1])
     return a, b
 
 
 def _readout(h, u, C, D, z, dtype_out):
     "y = Σ_n C h + D u, gated by SiLU(z): (B, D, N, L) -> (B, D, L)."
-    y = torch.einsum("bdnl,bnl->bdl", h, C.to(h.dtype))
+    y = torch.einsum("bdnl,bdnl->bdl", h, _per_channel(C.to(h.dtype), h.shape[1]))   # size-1 dims broadcast
     if D is not None: y = y + u.to(h.dtype) * D.to(h.dtype)[:, None]
     if z is not None: y = y * F.silu(z.to(h.dtype))
     return y.to(dtype_out)
@@ -58,7 +73,7 @@ def _readout(h, u, C, D, z, dtype_out):
 def selective_scan_sequential(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                               z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                               return_last_state: bool = False):
-    "Slow reference: a Python loop over L in float64. (B, D, L) -> (B, D, L) (and the last state (B, D, N))."
+    "Slow reference: a Python loop over L in float64. (B, D, L) -> (B, D, L) (and the last state (B, D, N)), all float64."
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     a, b = _discretize(u, delta, A, B, delta_bias, delta_softplus, torch.float64)
     h = torch.zeros(a.shape[:3], dtype=torch.float64, device=u.device)
@@ -104,7 +119,7 @@ def linear_scan(a: Tensor, b: Tensor, chunk: int = 64) -> Tensor:
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                            z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                            return_last_state: bool = False, chunk: int = 64):
-    "Fast pure-PyTorch selective scan (chunked parallel scan), in u's float dtype (float32 math for half inputs). (B, D, L) -> (B, D, L)."
+    "Fast pure-PyTorch selective scan (chunked parallel scan) in u's float dtype (float32 math for half inputs). (B, D, L) -> (B, D, L) in u's dtype; last state (B, D, N) in A's dtype promoted to float32, as mamba-ssm."
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     dtype = u.dtype if u.dtype in (torch.float32, torch.float64) else torch.float32
     a, b = _discretize(u, delta, A, B, delta_bias, delta_softplus, dtype)
@@ -112,7 +127,7 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     out = _readout(h, u, C, D, z, u.dtype)
     if return_last_state:
         last = h[..., -1] if u.shape[-1] else h.new_zeros(h.shape[:3])
-        return out, last
+        return out, last.to(torch.promote_types(A.dtype, torch.float32))
     return out
 
 # %% ../nbs/09_ssm.ipynb #694efbcd
@@ -137,10 +152,18 @@ def has_cuda_kernel() -> bool:
     return hasattr(sys.modules.get("selective_scan_cuda"), "fwd")
 
 
+def kernel_groups_error(B: Tensor, C: Tensor) -> str | None:
+    "Why mamba-ssm's CUDA kernel cannot take this B/C layout, or None: it reads one group count, from B (1 unless B is (B, G, N, L)), and a varying C must have it."
+    g_B = B.shape[1] if B.dim() == 4 else 1
+    g_C = C.shape[1] if C.dim() == 4 else 1
+    if C.dim() == 2 or g_B == g_C: return None
+    return f"mamba-ssm's kernel needs a varying C with B's group count: B has {g_B} group(s), C has {g_C}"
+
+
 def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                        z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                        return_last_state: bool = False):
-    "mamba-ssm's own `selective_scan_ref` (float32 inside; returns u's dtype). (B, D, L) -> (B, D, L)."
+    "mamba-ssm's own `selective_scan_ref` (float32 inside; out in u's dtype, last state in A's dtype promoted to float32). (B, D, L) -> (B, D, L)."
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     return mamba_ssm_interface().selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
@@ -148,9 +171,11 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    return_last_state: bool = False, backend: str = "auto"):
-    "The selective scan with mamba-ssm's signature: its CUDA kernel for CUDA tensors when built ('auto' or 'cuda'), else the chunked scan ('torch')."
+    "The selective scan with mamba-ssm's signature: its CUDA kernel for CUDA tensors when built and the B/C groups suit it ('auto' or 'cuda'), else the chunked scan ('torch')."
     if backend not in ("auto", "torch", "cuda"): raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
-    use_cuda = backend == "cuda" or (backend == "auto" and u.is_cuda and has_cuda_kernel())
+    groups_error = kernel_groups_error(B, C)
+    if backend == "cuda" and groups_error: raise ValueError(f"backend='cuda': {groups_error}; use backend='torch'")
+    use_cuda = backend == "cuda" or (backend == "auto" and groups_error is None and u.is_cuda and has_cuda_kernel())
     if use_cuda:
         if not (u.is_cuda and has_cuda_kernel()):
             raise ValueError("backend='cuda' needs CUDA tensors and mamba-ssm's compiled selective_scan_cuda")
