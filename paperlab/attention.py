@@ -5,6 +5,7 @@
 # %% ../nbs/04_attention.ipynb #dc454af4
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import torch
@@ -22,7 +23,15 @@ __all__ = ['LINEAR_KERNELS', 'ATTENTION', 'check_qkv', 'softmax_attention_weight
 
 # %% ../nbs/04_attention.ipynb #332b5d30
 def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> None:
-    "Raise ValueError unless q `(B, H, N, d)`, k `(B, H, M, d)` and v `(B, H, M, e)` agree."
+    "Raise TypeError unless q, k (and v) are floating tensors of one dtype; ValueError unless q `(B, H, N, d)`, k `(B, H, M, d)` and v `(B, H, M, e)` agree and M ≥ 1."
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if name == "v" and t is None: continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention expects torch tensors; {name} is a {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"attention expects floating tensors; {name} has dtype {t.dtype}")
+    if len({t.dtype for t in (q, k, v) if t is not None}) > 1:
+        raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}" + (f", {v.dtype}" if v is not None else ""))
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}" + (f", v {tuple(v.shape)}" if v is not None else "")
     ts = (q, k) if v is None else (q, k, v)
     if any(t.dim() != 4 for t in ts):
@@ -31,6 +40,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> None:
         raise ValueError(f"q and k must share batch, heads and head dim; got {shapes}")
     if v is not None and (v.shape[:2] != k.shape[:2] or v.shape[2] != k.shape[2]):
         raise ValueError(f"k and v must share batch, heads and token count; got {shapes}")
+    if k.shape[2] == 0:
+        raise ValueError(f"attention needs at least one key (M >= 1); got {shapes}")
 
 
 def _scale(q: Tensor, scale: float | None) -> float:
@@ -123,8 +134,17 @@ def compiled_inline_attention() -> Callable:
     return torch.compile(inline_attention, dynamic=False)
 
 # %% ../nbs/04_attention.ipynb #80e19fdd
-def _check_mediators(q: Tensor, m: Tensor) -> None:
-    "Raise ValueError unless mediators m `(B, H, M, d)` match q `(B, H, N, d)` in batch, heads and head dim."
+def _check_mediators(q: Tensor, m: Tensor, n_keys: int | None = None, bias_mk: Tensor | None = None,
+                     bias_qm: Tensor | None = None) -> None:
+    "Raise unless mediators m `(B, H, M, d)` match q `(B, H, N, d)` in batch, heads, head dim and dtype, and the biases broadcast to (B, H, M, N_k) and (B, H, N, M)."
+    if not isinstance(m, torch.Tensor) or m.dtype != q.dtype:
+        raise TypeError(f"mediators must be a tensor of q's dtype {q.dtype}; got {getattr(m, 'dtype', type(m).__name__)}")
+    for name, bias, want in (("bias_mk", bias_mk, (m.shape[0], m.shape[1], m.shape[2], n_keys)),
+                             ("bias_qm", bias_qm, (q.shape[0], q.shape[1], q.shape[2], m.shape[2]))):
+        if bias is None: continue
+        try: ok = torch.broadcast_shapes(tuple(bias.shape), want) == want
+        except RuntimeError: ok = False
+        if not ok: raise ValueError(f"{name} must broadcast to {want}; got {tuple(bias.shape)}")
     if m.dim() != 4 or m.shape[:2] != q.shape[:2] or m.shape[-1] != q.shape[-1]:
         raise ValueError(f"mediators must be (B, H, M, d) matching q {tuple(q.shape)} in B, H and d; got {tuple(m.shape)}")
 
@@ -133,7 +153,7 @@ def mediator_weights_pair(q: Tensor, k: Tensor, m: Tensor, scale: float | None =
                           bias_mk: Tensor | None = None, bias_qm: Tensor | None = None) -> tuple[Tensor, Tensor]:
     "The two softmax matrices: queries→mediators (B, H, N, M) and mediators→keys (B, H, M, N), with optional additive biases."
     check_qkv(q, k)
-    _check_mediators(q, m)
+    _check_mediators(q, m, k.shape[2], bias_mk, bias_qm)
     s = _scale(q, scale)
     a_mk = s * m @ k.transpose(-2, -1) + (0 if bias_mk is None else bias_mk)
     a_qm = s * q @ m.transpose(-2, -1) + (0 if bias_qm is None else bias_qm)
@@ -151,7 +171,7 @@ def mediator_attention(q: Tensor, k: Tensor, v: Tensor, m: Tensor, scale: float 
                        bias_mk: Tensor | None = None, bias_qm: Tensor | None = None) -> Tensor:
     "Two-step mediator attention in O(N·M·d), never forming N×N: (B, H, N, d) ×3, (B, H, M, d) -> (B, H, N, e)."
     check_qkv(q, k, v)
-    _check_mediators(q, m)
+    _check_mediators(q, m, k.shape[2], bias_mk, bias_qm)
     s = _scale(q, scale)
     v_m = F.scaled_dot_product_attention(m, k, v, attn_mask=bias_mk, scale=s)       # mediators gather from the keys
     return F.scaled_dot_product_attention(q, m, v_m, attn_mask=bias_qm, scale=s)    # queries read from the mediators
@@ -175,11 +195,16 @@ def get_attention(name: str) -> tuple[Callable, Callable]:
 def attention_macs(name: str, n: int, d: int) -> int:
     "Multiply-adds of the token mixing of one head over `n` tokens of dimension `d` (q·k and the value product)."
     get_attention(name)
+    for arg, x in (("n", n), ("d", d)):
+        if not isinstance(x, numbers.Integral) or isinstance(x, bool) or x < 1:
+            raise ValueError(f"attention_macs needs a positive whole number for {arg}, got {x!r}")
     return 2 * n * n * d if name == "softmax" else 2 * n * d * d
 
 # %% ../nbs/04_attention.ipynb #60f4e4a5
 def check_heads(dim: int, num_heads: int) -> int:
-    "The head dimension dim / num_heads; ValueError unless both are positive and the width splits evenly."
+    "The head dimension dim / num_heads; ValueError unless both are positive whole numbers and the width splits evenly."
+    if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (dim, num_heads)):
+        raise ValueError(f"dim and num_heads must be whole numbers, got dim={dim!r}, num_heads={num_heads!r}")
     if num_heads < 1 or dim < 1:
         raise ValueError(f"dim and num_heads must be positive, got dim={dim}, num_heads={num_heads}")
     if dim % num_heads:
