@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .attention import check_heads, softmax_attention
-from .diffusion import modulate
+from .diffusion import drop_labels, modulate
 
 if TYPE_CHECKING:
     from diffusers import VQModel
@@ -41,7 +42,7 @@ class ENATConfig:
     enc_dec: tuple[int, int] = (22, 2)  # (N_E, N_D), the official `--enc_dec`
     mlp_ratio: float = 4.0
     num_classes: int = 1000            # label `num_classes` is the null class of classifier-free guidance
-    class_dropout: float = 0.1
+    class_dropout: float = 0.1         # the official LabelEmbedder: labels dropped on every pass through a model in train mode
     dropout: float = 0.1               # on the token embeddings (official BertEmbeddings)
     uniform: bool = False              # conventional NAT: every block sees every token
     prev_embedder: bool = False        # the official model also builds an Mlp that its forward never calls
@@ -55,6 +56,8 @@ class ENATConfig:
             raise ValueError(f"a uniform NAT has no decoder: enc_dec must be (depth, 0), got {self.enc_dec}")
         if not self.uniform and nd < 1:
             raise ValueError(f"ENAT needs at least one decoder block to predict the [MASK] tokens, got enc_dec={self.enc_dec}")
+        if not 0 <= self.class_dropout <= 1:
+            raise ValueError(f"class_dropout must be a probability in [0, 1], got {self.class_dropout}")
         if self.input_size < 1 or self.codebook_size < 2:
             raise ValueError(f"need input_size >= 1 and codebook_size >= 2, got {self.input_size}, {self.codebook_size}")
 
@@ -322,14 +325,19 @@ def extra_mask(mask: Tensor, generator: torch.Generator | None = None) -> Tensor
 
 
 def nat_loss(model: ENAT, x0: Tensor, labels: Tensor, generator: torch.Generator | None = None, reuse_prob: float = 0.5,
-             ema: ENAT | None = None, smoothing: float = 0.1) -> Tensor:
-    "Masked-token cross-entropy (label smoothing 0.1); with probability `reuse_prob` the forward reuses features that `ema` computed on a more-masked input."
+             ema: ENAT | None = None, smoothing: float = 0.1, class_dropout: float | None = None) -> Tensor:
+    "Masked-token cross-entropy (label smoothing 0.1); with probability `reuse_prob` the forward reuses features that `ema` (else `model`) computed on a more-masked input; each pass through a network in train mode drops labels with its own draw at `class_dropout` (default `model.cfg.class_dropout`, the official LabelEmbedder)."
+    p, null = (model.cfg.class_dropout if class_dropout is None else class_dropout), model.cfg.num_classes
     ids, mask = nat_mask(x0, model.cfg.mask_id, generator)
     prev = None
     if not model.cfg.uniform and float(torch.rand(1, generator=generator)) < reuse_prob:
+        net = ema or model
         with torch.no_grad():
-            prev = (ema or model)(torch.where(extra_mask(mask, generator), model.cfg.mask_id, x0), labels)
-    logits = model(ids, labels, prev=prev)["logits"]
+            more = extra_mask(mask, generator)
+            y_prev = drop_labels(labels, null, p, generator) if net.training and p > 0 else labels   # the EMA (eval mode) keeps the data's labels
+            prev = net(torch.where(more, model.cfg.mask_id, x0), y_prev)
+    y = drop_labels(labels, null, p, generator) if model.training and p > 0 else labels
+    logits = model(ids, y, prev=prev)["logits"]
     return F.cross_entropy(logits[mask], x0[mask], label_smoothing=smoothing)
 
 
@@ -350,10 +358,15 @@ class NATRun:
 
 def train_nat(cfg: ENATConfig, tokens: Tensor, labels: Tensor, steps: int, batch_size: int = 64, lr: float = 1e-3,
               weight_decay: float = 0.03, reuse_prob: float = 0.5, ema_decay: float = 0.99, warmup: float = 0.05,
-              seed: int = 0, progress: bool = True) -> NATRun:
-    "Train a NAT on tokens (N, L) with labels (N,) by the official recipe scaled down: AdamW, linear warm-up then constant lr, label dropout, EMA, reuse branch."
+              seed: int = 0, progress: bool = True, label_dropout: str = "official", p_uncond: float = 0.15) -> NATRun:
+    "Train a NAT on tokens (N, L) with labels (N,) by the official recipe scaled down: AdamW, linear warm-up then constant lr, label dropout ('official': `p_uncond` in the data, then the model's `class_dropout`; 'single': one draw at `class_dropout`), EMA, reuse branch."
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if label_dropout not in ("official", "single"):
+        raise ValueError(f"label_dropout must be 'official' (p_uncond in the data, then the model's class_dropout) or 'single', got {label_dropout!r}")
+    if not 0 <= p_uncond <= 1:
+        raise ValueError(f"p_uncond must be a probability in [0, 1], got {p_uncond}")
+    official = label_dropout == "official"
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = ENAT(cfg)
@@ -365,9 +378,8 @@ def train_nat(cfg: ENATConfig, tokens: Tensor, labels: Tensor, steps: int, batch
     for step in tqdm(range(steps), disable=not progress, desc="training"):
         for grp in opt.param_groups: grp["lr"] = lr * min(1.0, (step + 1) / n_warm)
         idx = torch.randint(len(tokens), (batch_size,), generator=g)
-        y = labels[idx].clone()
-        y[torch.rand(batch_size, generator=g) < cfg.class_dropout] = cfg.num_classes    # label dropout for CFG
-        loss = nat_loss(model, tokens[idx], y, g, reuse_prob, ema)
+        y = drop_labels(labels[idx], cfg.num_classes, p_uncond if official else cfg.class_dropout, g)   # official CFGDataset
+        loss = nat_loss(model, tokens[idx], y, g, reuse_prob, ema, class_dropout=None if official else 0.0)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         ema_update(ema, model, ema_decay)
         run.losses.append(loss.item())
@@ -397,10 +409,12 @@ GOLDEN_MODEL = dict(input_size=4, codebook_size=16, hidden_size=16, num_heads=2,
 
 # %% ../nbs/13_enat.ipynb #d791d7d8
 def cosine_mask_counts(seq_len: int, steps: int) -> list[int]:
-    "[MASK] tokens left after each step s = 0..T−1 of the MaskGIT cosine schedule: floor(L·cos(π/2·(s+1)/T))."
+    "[MASK] tokens left after each step s = 0..T−1 of the MaskGIT cosine schedule, as the official code computes it: r = (s+1)/T, floor(L·cos(r·π·0.5))."
     if steps < 1 or seq_len < 1:
         raise ValueError(f"need steps >= 1 and seq_len >= 1, got steps={steps}, seq_len={seq_len}")
-    return [math.floor(seq_len * math.cos(math.pi / 2 * (s + 1) / steps)) for s in range(steps)]
+    # the ratio first, as in libs/nat_misc.py: r <= 1 keeps the angle at or below fl(π)/2 < π/2, so the last count is 0;
+    # π/2·(s+1)/T rounds the last angle above π/2 for some T (13, 26, ...) and gives −1
+    return [math.floor(seq_len * np.cos((s + 1) / steps * math.pi * 0.5)) for s in range(steps)]
 
 
 def masked_inputs(seq_len: int, steps: int) -> list[int]:
@@ -455,7 +469,7 @@ def generate(model: ENAT, labels: Tensor, steps: int = 8, cfg_scale: float = 0.0
         if trace is not None:
             trace.append(StepTrace(ids, sampled, new, cond["feat"]))
         ids, scale = new, ratio * cfg_scale
-    return ids
+    return ids    # the official code decodes the last step's sampled ids: the same grid, as the last count is 0
 
 # %% ../nbs/13_enat.ipynb #383fc64d
 def block_macs(dim: int, n_q: int, n_kv: int, mlp_ratio: float = 4.0) -> int:

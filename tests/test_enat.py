@@ -1,14 +1,15 @@
-"""ENAT chapter: golden outputs of the official code, the spatial and temporal mechanics, the schedule, the sampler, compute counts, full-size parameters, bad inputs."""
+"""ENAT chapter: golden outputs of the official code and their recipe, the spatial and temporal mechanics, the schedule (every step count against the official formula), the sampler, label dropout, compute counts, full-size parameters, bad inputs."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from paperlab.core import count_flops, repo_root
 from paperlab.enat import (ENAT, GOLDEN_MODEL, ENATBlock, ENATConfig, block_attention, cosine_mask_counts, enat_config,
-                           extra_mask, full_size_params, generate, generation_macs, load_golden, masked_inputs, nat_mask,
-                           official_name_map)
+                           extra_mask, full_size_params, generate, generation_macs, load_golden, masked_inputs, nat_loss,
+                           nat_mask, official_name_map, train_nat)
 
 TINY = ENATConfig(input_size=4, codebook_size=12, hidden_size=32, num_heads=4, enc_dec=(2, 2), num_classes=3)
 
@@ -99,7 +100,9 @@ def test_reuse_changes_output_only_through_previously_visible_tokens():
         prev = m(torch.where(more, TINY.mask_id, x0), lab)
         r = m(ids, lab, prev=prev)["logits"]
         assert torch.equal(m(ids, lab, prev=dict(prev, feat=prev["feat"].masked_fill(more[..., None], 3.0)))["logits"], r)
-        assert not torch.allclose(m(ids, lab, prev=dict(prev, feat=prev["feat"] + 1.0))["logits"], r)
+        # ... and through them it does: noise on the previously visible tokens (a constant shift would vanish in the LayerNorms)
+        noise = torch.randn(prev["feat"].shape, generator=torch.Generator().manual_seed(1)) * (~more)[..., None]
+        assert (m(ids, lab, prev=dict(prev, feat=prev["feat"] + noise))["logits"] - r).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("cfg_scale,reuse", [(0.0, True), (2.5, True), (2.5, False)])
@@ -173,3 +176,153 @@ def test_bad_configs_labels_and_masks_are_clear_errors():
     with pytest.raises(ValueError, match="steps"):
         cosine_mask_counts(256, 0)
     assert math.isclose(sum(masked_inputs(64, 8)), 64 + sum(cosine_mask_counts(64, 8)[:-1]))
+
+
+def official_counts(seq_len, steps):
+    "[MASK] tokens left after each step, written as the official `NATSchedule.generate` computes them (libs/nat_misc.py)."
+    out = []
+    for step in range(steps):
+        ratio = 1. * (step + 1) / steps
+        mask_ratio = np.cos(ratio * math.pi * 0.5)
+        out.append(math.floor(seq_len * mask_ratio))
+    return out
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 4, 5, 7, 8, 16, 32, 64])
+def test_mask_counts_follow_the_official_formula_for_every_step_count(side):
+    L = side * side
+    for steps in range(1, 129):
+        ref = official_counts(L, steps)
+        assert ref[-1] == 0 and min(ref) >= 0        # the official code decodes every token by the last step
+        assert cosine_mask_counts(L, steps) == ref, (L, steps)
+        assert masked_inputs(L, steps) == [L] + ref[:-1]
+
+
+@pytest.mark.parametrize("steps,cfg_scale,reuse", [(13, 0.0, True), (13, 2.0, True), (13, 2.0, False), (26, 0.0, True), (1, 0.0, True)])
+def test_generate_leaves_no_mask_token(steps, cfg_scale, reuse):
+    # 13 and 26 steps: the old form floor(L cos(pi/2 (s+1)/T)) gave -1 at the last step and re-masked L - 1 tokens
+    m = perturbed()
+    trace = []
+    out = generate(m, torch.tensor([0, 1, 2]), steps=steps, cfg_scale=cfg_scale, reuse=reuse,
+                   generator=torch.Generator().manual_seed(4), trace=trace)
+    assert not (out == TINY.mask_id).any() and (out < TINY.codebook_size).all()
+    assert [(st.ids_out == TINY.mask_id).sum(1).tolist() for st in trace] == [[c] * 3 for c in official_counts(16, steps)]
+
+
+SMALL = ENATConfig(input_size=2, codebook_size=4, hidden_size=8, num_heads=2, enc_dec=(1, 1), num_classes=3)
+N_LAB = 20000
+
+
+def record_labels(monkeypatch):
+    "Patch ENAT.forward to record (train mode?, labels) of every pass."
+    calls, forward = [], ENAT.forward
+
+    def spy(self, ids, labels, *args, **kwargs):
+        calls.append((self.training, torch.as_tensor(labels).clone()))
+        return forward(self, ids, labels, *args, **kwargs)
+    monkeypatch.setattr(ENAT, "forward", spy)
+    return calls
+
+
+def near(frac, p, n, z=5.0):
+    "A share within z binomial standard deviations sqrt(p(1-p)/n) of p."
+    return abs(float(frac) - p) <= z * math.sqrt(p * (1 - p) / n)
+
+
+def small_data(n=N_LAB, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, SMALL.codebook_size, (n, SMALL.seq_len), generator=g), torch.randint(0, SMALL.num_classes, (n,), generator=g)
+
+
+def test_official_label_dropout_draws_twice(monkeypatch):
+    tokens, labels = small_data()
+    calls = record_labels(monkeypatch)
+    train_nat(SMALL, tokens, labels, steps=1, batch_size=N_LAB, reuse_prob=1.0, progress=False)
+    (ema_train, y_reuse), (model_train, y_main) = calls       # the EMA's reuse pass first, then the online model
+    assert not ema_train and model_train
+    null_reuse, null_main = y_reuse == SMALL.num_classes, y_main == SMALL.num_classes
+    # official train.py: CFGDataset(p_uncond=0.15); models.py LabelEmbedder(class_dropout_prob=0.1) in train mode;
+    # the EMA runs in eval mode (utils.initialize_train_state), so its pass sees the data's draw only
+    assert near(null_reuse.float().mean(), 0.15, N_LAB)
+    assert near(null_main.float().mean(), 1 - 0.85 * 0.9, N_LAB)       # 23.5 %
+    assert (null_main | ~null_reuse).all()                              # a label dropped in the data stays dropped
+    keep = ~null_reuse
+    assert near(null_main[keep].float().mean(), 0.1, int(keep.sum()))   # the model's draw is independent of the data's
+    assert torch.equal(y_main[~null_main], y_reuse[~null_main])
+
+
+def test_reuse_pass_through_the_online_model_draws_its_own_labels(monkeypatch):
+    # official --ema_for_cond 0: the reuse pass runs the online model in train mode, whose LabelEmbedder draws again
+    tokens, labels = small_data()
+    torch.manual_seed(0)
+    m = ENAT(SMALL).train()
+    calls = record_labels(monkeypatch)
+    nat_loss(m, tokens, labels, torch.Generator().manual_seed(1), reuse_prob=1.0, ema=None)
+    (t1, y1), (t2, y2) = calls
+    assert t1 and t2
+    d1, d2 = y1 == SMALL.num_classes, y2 == SMALL.num_classes
+    assert near(d1.float().mean(), 0.1, N_LAB) and near(d2.float().mean(), 0.1, N_LAB)
+    assert near((d1 & d2).float().mean(), 0.01, N_LAB)                 # independent draws: 0.1 × 0.1
+    assert torch.equal(y1[~d1], labels[~d1]) and torch.equal(y2[~d2], labels[~d2])
+
+
+def test_single_label_dropout_option(monkeypatch):
+    tokens, labels = small_data()
+    calls = record_labels(monkeypatch)
+    train_nat(SMALL, tokens, labels, steps=1, batch_size=N_LAB, reuse_prob=1.0, label_dropout="single", progress=False)
+    (_, y_reuse), (_, y_main) = calls
+    assert torch.equal(y_reuse, y_main)                                 # one draw, shared by both passes
+    assert near((y_main == SMALL.num_classes).float().mean(), 0.1, N_LAB)
+
+
+def test_bad_label_dropout_arguments_are_clear_errors():
+    tokens, labels = small_data(64)
+    with pytest.raises(ValueError, match="label_dropout"):
+        train_nat(SMALL, tokens, labels, steps=1, label_dropout="twice", progress=False)
+    with pytest.raises(ValueError, match="p_uncond"):
+        train_nat(SMALL, tokens, labels, steps=1, p_uncond=1.5, progress=False)
+
+
+def golden_recipe(dtype):
+    "data/enat/golden/README.md's recipe, drawn with our modules (built in the official order, so the seeded draws line up)."
+    G = load_golden()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(0)
+        blk = ENATBlock(32, 4)
+        params = dict(blk.named_parameters())
+        with torch.no_grad():
+            for name in official_name_map(G["block_state"]):            # the official parameter order
+                params[name].normal_(0, 0.2)
+        out = {"block_state": blk.state_dict(), "block_x": torch.randn(2, 5, 32), "block_c": torch.randn(2, 32),
+               "block_ctx_in": torch.randn(2, 3, 32)}
+        torch.manual_seed(1)
+        m = ENAT(ENATConfig(**GOLDEN_MODEL))
+        with torch.no_grad():
+            for b in m.blocks:
+                b.adaLN_modulation[-1].weight.normal_(0, 0.2)
+                b.adaLN_modulation[-1].bias.normal_(0, 0.2)
+        out["model_state"] = m.state_dict()
+        torch.manual_seed(2)
+        x0 = torch.randint(0, 16, (2, 16))
+        order = torch.stack([torch.randperm(16) for _ in range(2)])
+        for key, k in (("model_prev_ids", 11), ("model_ids", 6)):          # the first 11 (then 6) of each permutation are [MASK]
+            out[key] = torch.where(torch.zeros(2, 16, dtype=torch.bool).scatter_(1, order[:, :k], True), 16, x0)
+    finally:
+        torch.set_default_dtype(old)
+    return G, out
+
+
+def test_golden_weights_and_inputs_follow_the_readme_recipe():
+    G, out = golden_recipe(torch.float64)
+    for key in ("block_state", "model_state"):
+        ref = official_name_map(G[key])
+        assert list(out[key]) == list(ref) and all(torch.equal(out[key][k], ref[k]) for k in ref), key
+    for key in ("block_x", "block_c", "block_ctx_in", "model_prev_ids", "model_ids"):
+        assert torch.equal(out[key], G[key]), key
+    assert G["model_labels"].tolist() == [[3], [7]]
+    # the README's earlier recipe drew in float32 (the default dtype): its weights miss the stored ones by about 1.1
+    _, f32 = golden_recipe(torch.float32)
+    ref = official_name_map(G["block_state"])
+    assert max((f32["block_state"][k].double() - ref[k]).abs().max() for k in ref) > 0.5
