@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import math
+import time
 from collections import namedtuple
 from typing import Callable, Sequence
 
@@ -21,19 +22,20 @@ from tqdm.auto import tqdm
 from .core import repo_root, seed_everything
 
 # %% auto #0
-__all__ = ['DARTS_PRIMITIVES', 'NB201_PRIMITIVES', 'PARAMETER_FREE', 'Genotype', 'DARTS_V2', 'CRITERIA', 'LossFn', 'BENCH_NODES',
-           'BENCH_CONFIG', 'PARAMETER_FREE_NB201', 'Zero', 'ReLUConvBN', 'DilConv', 'SepConv', 'FactorizedReduce',
-           'Pool', 'darts_op', 'nb201_op', 'MixedOp', 'darts_mixed_op', 'nb201_edge_names', 'NB201SearchCell',
-           'DartsSearchCell', 'ResNetBasicblock', 'Supernet', 'NB201SearchNetwork', 'darts_stem_and_cells',
-           'DartsSearchNetwork', 'darts_genotype', 'nb201_genotype', 'nb201_str', 'nb201_from_str',
-           'check_darts_genotype', 'NB201InferCell', 'NB201Network', 'drop_path', 'DartsEvalCell', 'AuxiliaryHeadCIFAR',
-           'DartsNetwork', 'count_darts_params', 'official_name', 'load_official_state', 'first_order_arch_grad',
-           'second_order_arch_grad', 'exact_unrolled_arch_grad', 'batches', 'search', 'supernet_loss',
-           'magnitude_scores', 'strength_scores', 'removal_scores', 'projected_weights', 'darts_node_edges',
-           'project_edge', 'darts_pt_project', 'darts_pt_scores', 'darts_space_genotype', 'criterion_scores',
-           'bench_archs', 'arch_index', 'fit_fixed', 'train_fixed', 'GroupedReLUConvBN', 'GroupedResBlock',
-           'GroupedInferCell', 'GroupedNB201Network', 'fit_grouped', 'train_grouped', 'make_benchmark',
-           'load_benchmark', 'param_free_share', 'search_split', 'search_trial', 'genotype_param_free_share',
+__all__ = ['DARTS_PRIMITIVES', 'NB201_PRIMITIVES', 'PARAMETER_FREE', 'Genotype', 'DARTS_V2', 'CRITERIA', 'LossFn',
+           'DARTS_PT_ORDERS', 'DARTS_PT_TUNE_LR', 'BENCH_NODES', 'BENCH_CONFIG', 'PARAMETER_FREE_NB201', 'Zero',
+           'ReLUConvBN', 'DilConv', 'SepConv', 'FactorizedReduce', 'Pool', 'darts_op', 'nb201_op', 'MixedOp',
+           'darts_mixed_op', 'nb201_edge_names', 'NB201SearchCell', 'DartsSearchCell', 'ResNetBasicblock', 'Supernet',
+           'NB201SearchNetwork', 'darts_stem_and_cells', 'DartsSearchNetwork', 'darts_genotype', 'nb201_genotype',
+           'nb201_str', 'nb201_from_str', 'check_darts_genotype', 'NB201InferCell', 'NB201Network', 'drop_path',
+           'DartsEvalCell', 'AuxiliaryHeadCIFAR', 'DartsNetwork', 'count_darts_params', 'official_name',
+           'load_official_state', 'first_order_arch_grad', 'second_order_arch_grad', 'exact_unrolled_arch_grad',
+           'batches', 'search_optimizers', 'search', 'supernet_loss', 'magnitude_scores', 'strength_scores',
+           'removal_scores', 'projected_weights', 'darts_node_edges', 'project_edge', 'darts_pt_plan', 'darts_pt_lr',
+           'darts_pt_project', 'darts_pt_scores', 'darts_space_genotype', 'criterion_scores', 'bench_archs',
+           'arch_index', 'fit_fixed', 'train_fixed', 'GroupedReLUConvBN', 'GroupedResBlock', 'GroupedInferCell',
+           'GroupedNB201Network', 'fit_grouped', 'train_grouped', 'make_benchmark', 'load_benchmark',
+           'param_free_share', 'search_split', 'search_trial', 'genotype_param_free_share', 'darts_space_supernet',
            'darts_space_trial']
 
 # %% ../nbs/21_ostr_darts.ipynb #4d3b98fc
@@ -658,20 +660,31 @@ def batches(ds, batch_size: int, generator: torch.Generator | None = None, shuff
     return [(x[idx[i:i + batch_size]], y[idx[i:i + batch_size]]) for i in range(0, len(y), batch_size)]
 
 
+def search_optimizers(model: Supernet, w_lr: float = 0.025, w_momentum: float = 0.9, w_wd: float = 3e-4, a_lr: float = 3e-4,
+                      a_wd: float = 1e-3) -> tuple[torch.optim.SGD, torch.optim.Adam]:
+    "DARTS' two optimizers: θ by SGD (momentum, weight decay), α by Adam (β = (0.5, 0.999), weight decay)."
+    return (torch.optim.SGD(model.weight_parameters(), lr=w_lr, momentum=w_momentum, weight_decay=w_wd),
+            torch.optim.Adam(model.arch_parameters(), lr=a_lr, betas=(0.5, 0.999), weight_decay=a_wd))
+
+
 def search(model: Supernet, train_ds, val_ds, epochs: int, order: int = 1, batch_size: int = 64, w_lr: float = 0.025,
            w_lr_min: float = 0.001, w_momentum: float = 0.9, w_wd: float = 3e-4, a_lr: float = 3e-4, a_wd: float = 1e-3,
            grad_clip: float = 5.0, seed: int = 0, on_epoch: Callable[[Supernet, int], None] | None = None,
-           progress: bool = False, weights_fn: Callable[[Supernet], list[Tensor]] | None = None) -> Supernet:
-    "DARTS bi-level search: per step an α step (Adam, β=(0.5, 0.999)) on a validation batch, then a θ step (SGD, cosine LR) on a training batch."
+           progress: bool = False, weights_fn: Callable[[Supernet], list[Tensor]] | None = None,
+           optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer] | None = None,
+           lr_at: Callable[[int], float] | None = None) -> Supernet:
+    "DARTS bi-level search: per step an α step (Adam, β=(0.5, 0.999)) on a validation batch, then a θ step (SGD, cosine LR) on a training batch; given `optimizers` (θ, α: `search_optimizers`) keep their state across calls, `lr_at(epoch)` replaces the cosine."
     if order not in (1, 2): raise ValueError(f"order must be 1 (first-order DARTS) or 2 (second-order), got {order!r}")
     if order == 2 and weights_fn is not None: raise ValueError("weights_fn (projected edges) is only supported with order=1")
     if not isinstance(epochs, int) or epochs < 0: raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
+    if optimizers is not None and len(optimizers) != 2:
+        raise ValueError(f"optimizers must be a (θ optimizer, α optimizer) pair, got {len(optimizers)} optimizers")
     g = torch.Generator().manual_seed(seed)
-    w_opt = torch.optim.SGD(model.weight_parameters(), lr=w_lr, momentum=w_momentum, weight_decay=w_wd)
-    a_opt = torch.optim.Adam(model.arch_parameters(), lr=a_lr, betas=(0.5, 0.999), weight_decay=a_wd)
+    w_opt, a_opt = optimizers if optimizers is not None else search_optimizers(model, w_lr, w_momentum, w_wd, a_lr, a_wd)
     model.train()
     for epoch in tqdm(range(epochs), disable=not progress, desc="search"):
-        lr = w_lr_min + (w_lr - w_lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2   # the official per-epoch cosine
+        lr = (lr_at(epoch) if lr_at is not None else
+              w_lr_min + (w_lr - w_lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2)   # the official per-epoch cosine
         for group in w_opt.param_groups: group["lr"] = lr
         for (xt, yt), (xv, yv) in zip(batches(train_ds, batch_size, g), batches(val_ds, batch_size, g)):
             if order == 1:
@@ -780,38 +793,79 @@ def project_edge(model: Supernet, data: Sequence[tuple[Tensor, Tensor]], weights
     return eids
 
 
+DARTS_PT_ORDERS = ("official", "paper")
+DARTS_PT_TUNE_LR = ("constant", "cosine")
+
+
+def darts_pt_plan(edges: Sequence[Sequence[int]], nodes: Sequence[Sequence[int]] = (), order: str = "official",
+                  seed: int = 0) -> list[list[tuple[str, int, int]]]:
+    "DARTS-PT's decisions in rounds (the supernet is fine-tuned between two rounds): ('op', cell m, edge e) rounds, then ('node', m, node id) rounds; `edges[m]`, `nodes[m]`: what cell m decides. 'official' (`pt_project`): a round is one random remaining edge (node) of every cell, normal first; 'paper' (Algorithm 1): one random (cell, edge) of all cells, then one (cell, node)."
+    if order not in DARTS_PT_ORDERS: raise ValueError(f"order must be one of {DARTS_PT_ORDERS}, got {order!r}")
+    rng = np.random.default_rng(seed)
+    plan: list[list[tuple[str, int, int]]] = []
+    for kind, todo in (("op", edges), ("node", nodes)):
+        left = [list(t) for t in todo]
+        if order == "official":    # `project_op(normal)`, `project_op(reduce)` (or `project_edge`), then tune
+            while any(left): plan.append([(kind, m, l.pop(int(rng.integers(len(l))))) for m, l in enumerate(left) if l])
+        else:
+            flat = [(kind, m, i) for m, l in enumerate(left) for i in l]
+            while flat: plan.append([flat.pop(int(rng.integers(len(flat))))])
+    return plan
+
+
+def darts_pt_lr(t: int, T: int, tune_lr: str = "constant", w_lr: float = 0.0025, w_lr_min: float = 0.001) -> float:
+    "θ's LR in DARTS-PT's tuning epoch t of T (`pt_project`): 'constant' is what runs, LR/10 throughout (its `CosineAnnealingLR(T, learning_rate_min)` is built but never stepped); 'cosine' is that scheduler stepped once per epoch."
+    if tune_lr not in DARTS_PT_TUNE_LR: raise ValueError(f"tune_lr must be one of {DARTS_PT_TUNE_LR}, got {tune_lr!r}")
+    if not 0 <= t < T: raise ValueError(f"the tuning epoch t must lie in 0..T-1 = {T - 1}, got {t!r}")
+    return w_lr if tune_lr == "constant" else w_lr_min + (w_lr - w_lr_min) * (1 + math.cos(math.pi * t / T)) / 2
+
+
 def darts_pt_project(model: Supernet, train_ds, val_ds, tune_epochs: int = 1, metric: str = "acc", seed: int = 0,
-                     batch_size: int = 64, w_lr: float = 0.0025, topology: bool = False, **search_kw) -> tuple[dict, list]:
-    "DARTS-PT (`pt_project`): edge by edge in random order, keep the op whose removal hurts most, project the edge, fine-tune `tune_epochs` between decisions; with `topology` (DARTS space) then node by node `project_edge`, also fine-tuned between; ({(m, e): op}, dropped [(m, e)])."
+                     batch_size: int = 64, w_lr: float = 0.0025, topology: bool = False, order: str = "official",
+                     tune_lr: str = "constant", w_lr_min: float = 0.001, log: list | None = None, tune_val_ds=None,
+                     **search_kw) -> tuple[dict, list]:
+    "DARTS-PT (`pt_project`): round by round (`darts_pt_plan`), keep on each drawn edge the op whose removal hurts most and project it; with `topology` (DARTS space) then keep 2 inputs per drawn node (`project_edge`). Decisions are evaluated on `val_ds`. Between rounds, `tune_epochs` of θ steps (on `train_ds`) and α steps (on `tune_val_ds`, default `val_ds`) with one optimizer pair for the whole run, θ's LR by `darts_pt_lr`. `log` gets every decision and the LR of every tuning epoch. ({(m, e): op}, dropped [(m, e)])."
     import copy
     if topology and not hasattr(model, "steps"): raise ValueError("topology projection needs a DARTS-space supernet (nodes with more than two inputs)")
+    if tune_lr not in DARTS_PT_TUNE_LR: raise ValueError(f"tune_lr must be one of {DARTS_PT_TUNE_LR}, got {tune_lr!r}")
+    if not isinstance(tune_epochs, int) or tune_epochs < 0: raise ValueError(f"tune_epochs must be a non-negative int, got {tune_epochs!r}")
     model = copy.deepcopy(model)
-    rng = np.random.default_rng(seed)
     val = batches(val_ds, batch_size, shuffle=False)
+    cells = len(model.arch_parameters())
+    node_edges = darts_node_edges(model.steps) if topology else {}
+    plan = darts_pt_plan([range(a.shape[0]) for a in model.arch_parameters()], [list(node_edges)] * cells if topology else [],
+                         order, seed)
+    T = tune_epochs * (len(plan) - 1) + 1     # official `tune_epochs = proj_intv * num_projs + 1`, the scheduler's period
+    # `model.reset_optimizer(LR / 10, ...)` once: SGD momentum carries from round to round (Adam's α state too; the
+    # official Adam also carries the search's, which a trained supernet alone does not give us)
+    opts = search_optimizers(model, w_lr, **{k: search_kw.pop(k) for k in ("w_momentum", "w_wd", "a_lr", "a_wd") if k in search_kw})
     proj: dict[tuple[int, int], int] = {}
     dropped: list[tuple[int, int]] = []
-    ops_left = [(m, e) for m, a in enumerate(model.arch_parameters()) for e in range(a.shape[0])]
-    nodes_left = [(m, nid) for m in range(len(model.arch_parameters())) for nid in darts_node_edges(model.steps)] if topology else []
-    while ops_left or nodes_left:
-        if ops_left:      # the official order: every op decision first, then the topology
-            m, e = ops_left.pop(int(rng.integers(len(ops_left))))
-            scores = removal_scores(model, val, metric, weights=projected_weights(model, proj), edges=[(m, e)])
-            proj[(m, e)] = int(scores[m][e].argmax())
-        else:
-            m, nid = nodes_left.pop(int(rng.integers(len(nodes_left))))
-            eids = darts_node_edges(model.steps)[nid]
-            kept = project_edge(model, val, projected_weights(model, proj, dropped), m, eids, metric)
-            dropped += [(m, e) for e in eids if e not in kept]
-        if (ops_left or nodes_left) and tune_epochs > 0:
-            search(model, train_ds, val_ds, tune_epochs, order=1, batch_size=batch_size, w_lr=w_lr, w_lr_min=w_lr,
-                   seed=seed + len(proj) + len(dropped), weights_fn=lambda mod: projected_weights(mod, proj, dropped), **search_kw)
+    for r, decisions in enumerate(plan):
+        for kind, m, i in decisions:   # each decision sees the ones before it, the other cell's of this round included
+            if kind == "op":
+                scores = removal_scores(model, val, metric, weights=projected_weights(model, proj), edges=[(m, i)])
+                proj[(m, i)] = int(scores[m][i].argmax())
+                if log is not None: log.append(("op", m, i, proj[(m, i)]))
+            else:
+                kept = project_edge(model, val, projected_weights(model, proj, dropped), m, node_edges[i], metric)
+                dropped += [(m, e) for e in node_edges[i] if e not in kept]
+                if log is not None: log.append(("node", m, i, tuple(kept)))
+        if r < len(plan) - 1 and tune_epochs > 0:    # (the official loop tunes once more after the last round: no decision follows)
+            def record(mod: Supernet, ep: int, r: int = r) -> None:
+                "Log the global tuning epoch and the LR the θ optimizer used in it."
+                if log is not None: log.append(("tune", r * tune_epochs + ep - 1, opts[0].param_groups[0]["lr"]))
+            search(model, train_ds, val_ds if tune_val_ds is None else tune_val_ds, tune_epochs, order=1, batch_size=batch_size,
+                   seed=seed + r + 1, optimizers=opts, on_epoch=record,
+                   lr_at=lambda ep, r=r: darts_pt_lr(r * tune_epochs + ep, T, tune_lr, w_lr, w_lr_min),
+                   weights_fn=lambda mod: projected_weights(mod, proj, dropped), **search_kw)
     return proj, dropped
 
 
 def darts_pt_scores(model: Supernet, train_ds, val_ds, tune_epochs: int = 1, metric: str = "acc", seed: int = 0,
-                    batch_size: int = 64, w_lr: float = 0.0025, topology: bool = False, **search_kw) -> list[Tensor]:
-    "DARTS-PT's decisions (`darts_pt_project`) as (E, O) matrices: one-hot rows, the edges dropped by the topology projection zero."
-    proj, dropped = darts_pt_project(model, train_ds, val_ds, tune_epochs, metric, seed, batch_size, w_lr, topology, **search_kw)
+                    batch_size: int = 64, w_lr: float = 0.0025, topology: bool = False, **kw) -> list[Tensor]:
+    "DARTS-PT's decisions (`darts_pt_project`, options in `kw`) as (E, O) matrices: one-hot rows, the edges dropped by the topology projection zero."
+    proj, dropped = darts_pt_project(model, train_ds, val_ds, tune_epochs, metric, seed, batch_size, w_lr, topology, **kw)
     out = [F.one_hot(torch.tensor([proj[(m, e)] for e in range(a.shape[0])]), a.shape[1]).to(a.dtype)
            for m, a in enumerate(model.arch_parameters())]
     for m, e in dropped: out[m][e] = 0.0
@@ -819,8 +873,9 @@ def darts_pt_scores(model: Supernet, train_ds, val_ds, tune_epochs: int = 1, met
 
 
 def darts_space_genotype(model: DartsSearchNetwork, scores: Sequence[Tensor], topology: str = "top2",
-                         data: Sequence[tuple[Tensor, Tensor]] | None = None, metric: str = "acc") -> Genotype:
-    "A DARTS genotype from a criterion's scores: `top2` is DARTS' rule on the scores (inputs ranked by their best non-`none` score); `project` keeps each edge's best non-`none` op, makes the rows one-hot and picks each node's inputs by `project_edge` on `data`, node by node."
+                         data: Sequence[tuple[Tensor, Tensor]] | None = None, metric: str = "acc", order: str = "official",
+                         seed: int = 0, log: list | None = None) -> Genotype:
+    "A DARTS genotype from a criterion's scores: `top2` is DARTS' rule on the scores (inputs ranked by their best non-`none` score); `project` keeps each edge's best non-`none` op, makes the rows one-hot and picks each node's inputs by `project_edge` on `data`, the nodes in DARTS-PT's `order` (`darts_pt_plan`), without fine-tuning."
     if topology not in ("top2", "project"): raise ValueError(f"topology must be 'top2' or 'project', got {topology!r}")
     if topology == "top2": return model.genotype(scores)
     if data is None: raise ValueError("the 'project' topology evaluates the supernet and needs validation data")
@@ -829,11 +884,13 @@ def darts_space_genotype(model: DartsSearchNetwork, scores: Sequence[Tensor], to
     for m, s in enumerate(scores):
         s = s.detach().clone(); s[:, none] = -math.inf
         proj.update({(m, e): int(s[e].argmax()) for e in range(s.shape[0])})
+    node_edges = darts_node_edges(model.steps)
     dropped = []
-    for m in range(len(scores)):
-        for nid, eids in darts_node_edges(model.steps).items():
-            kept = project_edge(model, data, projected_weights(model, proj, dropped), m, eids, metric)
-            dropped += [(m, e) for e in eids if e not in kept]
+    for decisions in darts_pt_plan([[]] * len(scores), [list(node_edges)] * len(scores), order, seed):
+        for _, m, nid in decisions:
+            kept = project_edge(model, data, projected_weights(model, proj, dropped), m, node_edges[nid], metric)
+            dropped += [(m, e) for e in node_edges[nid] if e not in kept]
+            if log is not None: log.append(("node", m, nid, tuple(kept)))
     return model.genotype(projected_weights(model, proj, dropped))
 
 
@@ -1096,14 +1153,22 @@ def genotype_param_free_share(g: Genotype, cells: Sequence[str] = ("normal", "re
     return float(np.mean([op in PARAMETER_FREE for c in cells for op, _ in getattr(g, c)]))
 
 
-def darts_space_trial(seed: int, epochs: int, C: int = 4, layers: int = 3, steps: int = 4, val_size: int = 64, a_lr: float = 3e-4,
-                      pt_tune_epochs: int = 0, criteria: Sequence[str] = CRITERIA, progress: bool = False, train_size: int | None = None) -> dict:
-    "One first-order DARTS search in the DARTS CNN space on digits (θ/α halves of `search_split`, the first `train_size` of each if given), then each criterion's genotype under both topology rules: 'top2' (DARTS' rule on the scores) and 'project' (DARTS-PT's `project_edge`)."
+def darts_space_supernet(seed: int, epochs: int, C: int = 4, layers: int = 3, steps: int = 4, a_lr: float = 3e-4,
+                         progress: bool = False, train_size: int | None = None) -> tuple[DartsSearchNetwork, object, object]:
+    "A DARTS-space supernet after a first-order search on digits (θ/α halves of `search_split`, the first `train_size` of each if given): (net, θ half, α half)."
     seed_everything(seed)
     tr, va = search_split(seed)
     if train_size is not None: tr, va = (torch.utils.data.TensorDataset(*(t[:train_size] for t in d.tensors)) for d in (tr, va))
     net = DartsSearchNetwork(C=C, num_classes=10, layers=layers, steps=steps, multiplier=steps, in_channels=tr.tensors[0].shape[1])
     search(net, tr, va, epochs, order=1, seed=seed, progress=progress, a_lr=a_lr)
+    return net, tr, va
+
+
+def darts_space_trial(seed: int, epochs: int, C: int = 4, layers: int = 3, steps: int = 4, val_size: int = 64, a_lr: float = 3e-4,
+                      pt_tune_epochs: int = 0, criteria: Sequence[str] = CRITERIA, progress: bool = False, train_size: int | None = None,
+                      pt_variants: Sequence[tuple[str, str]] = ()) -> dict:
+    "One first-order DARTS search in the DARTS CNN space (`darts_space_supernet`), then each criterion's genotype under both topology rules: 'top2' (DARTS' rule on the scores) and 'project' (DARTS-PT's `project_edge`, nodes in the official order); DARTS-PT's log, and DARTS-PT again for each (order, tune_lr) of `pt_variants`."
+    net, tr, va = darts_space_supernet(seed, epochs, C, layers, steps, a_lr, progress, train_size)
     val = [(va.tensors[0][:val_size], va.tensors[1][:val_size])]
     val_ds = torch.utils.data.TensorDataset(*val[0])
     net.train()    # batch statistics, as the search and DARTS-PT's `infer(..., _eval=False)`
@@ -1111,16 +1176,27 @@ def darts_space_trial(seed: int, epochs: int, C: int = 4, layers: int = 3, steps
     out = {"seed": seed, "epochs": epochs, "beta": [b.detach().tolist() for b in net.arch_weights()], "genotypes": {}}
     for crit in tqdm(criteria, disable=not progress, desc="criteria"):
         if crit == "darts-pt":   # official: op projection, then topology projection; 'top2' ranks the inputs by the strength of their op
-            proj, dropped = darts_pt_project(net, tr, val_ds, pt_tune_epochs, seed=seed, batch_size=val_size, topology=True, a_lr=a_lr)
+            out["darts_pt_log"], t0 = [], time.perf_counter()  # decisions on the val_size batch, tuning epochs over the θ and α halves
+            proj, dropped = darts_pt_project(net, tr, val_ds, pt_tune_epochs, seed=seed, batch_size=val_size, topology=True, a_lr=a_lr,
+                                             tune_val_ds=va, log=out["darts_pt_log"])
+            out["darts_pt_seconds"] = time.perf_counter() - t0
             onehot = projected_weights(net, proj)
             genos = {"top2": net.genotype([torch.where(h > 0, s, -math.inf) for h, s in zip(onehot, strength)]),
                      "project": net.genotype(projected_weights(net, proj, dropped))}
         else:
             scores = ({"magnitude": [b.detach() for b in net.arch_weights()], "strength": strength}.get(crit)   # DARTS ranks inputs by β
                       or criterion_scores(crit, net, tr, val_ds, batch_size=val_size, seed=seed))
-            genos = {"top2": darts_space_genotype(net, scores, "top2"), "project": darts_space_genotype(net, scores, "project", val)}
+            genos = {"top2": darts_space_genotype(net, scores, "top2"), "project": darts_space_genotype(net, scores, "project", val, seed=seed)}
         for topo, g in genos.items():
             check_darts_genotype(g, steps)
             out["genotypes"][f"{crit}/{topo}"] = dict(genotype=g._asdict(), param_free=genotype_param_free_share(g),
                                                       param_free_normal=genotype_param_free_share(g, ("normal",)))
+    out["darts_pt_variants"] = {}
+    for order, tune_lr in pt_variants:
+        log, t0 = [], time.perf_counter()
+        proj, dropped = darts_pt_project(net, tr, val_ds, pt_tune_epochs, seed=seed, batch_size=val_size, topology=True, a_lr=a_lr,
+                                         tune_val_ds=va, log=log, order=order, tune_lr=tune_lr)
+        g = net.genotype(projected_weights(net, proj, dropped))
+        out["darts_pt_variants"][f"{order}/{tune_lr}"] = dict(genotype=g._asdict(), param_free=genotype_param_free_share(g),
+                                                              seconds=time.perf_counter() - t0, log=log)
     return out

@@ -1,5 +1,6 @@
 """OStr-DARTS chapter: golden outputs of the official DARTS / NB201 code, official parameter counts, the selection criteria against finite differences and closed forms, genotype rules, bad inputs."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from paperlab.ostr_darts import (CRITERIA, DARTS_V2, NB201_PRIMITIVES, DartsNetw
                                  darts_op, exact_unrolled_arch_grad, first_order_arch_grad, load_benchmark, load_official_state,
                                  nb201_from_str, nb201_op, nb201_str, official_name, removal_scores, search, search_trial,
                                  second_order_arch_grad, strength_scores, supernet_loss, GroupedNB201Network, darts_node_edges,
-                                 darts_pt_scores, darts_space_genotype, fit_fixed, fit_grouped, project_edge, projected_weights)
+                                 darts_pt_scores, darts_space_genotype, fit_fixed, fit_grouped, project_edge, projected_weights,
+                                 darts_pt_project, darts_pt_plan, darts_pt_lr, DARTS_PRIMITIVES)
 
 DATA = repo_root() / "data" / "ostr_darts"
 G = DATA / "golden"
@@ -199,6 +201,10 @@ def test_stored_benchmark():
     lambda: project_edge(NB201SearchNetwork(4, 1, 3), [], [torch.ones(3, 5)], 0, [0, 1, 2], metric="f1"),
     lambda: darts_space_genotype(DartsSearchNetwork(2, 10, 3), [torch.zeros(14, 8)] * 2, topology="top3"),
     lambda: darts_pt_scores(NB201SearchNetwork(4, 1, 3), None, None, topology=True),
+    lambda: darts_pt_plan([range(3)], order="random"), lambda: darts_pt_lr(0, 5, "linear"), lambda: darts_pt_lr(5, 5),
+    lambda: darts_pt_project(NB201SearchNetwork(4, 1, 3), None, None, tune_lr="step"),
+    lambda: darts_pt_project(NB201SearchNetwork(4, 1, 3), None, None, tune_epochs=-1),
+    lambda: search(NB201SearchNetwork(4, 1, 3), None, None, 1, optimizers=(None,)),
 ])
 def test_bad_inputs_raise_value_error(bad):
     with pytest.raises(ValueError):
@@ -311,3 +317,146 @@ def test_darts_pt_topology_keeps_two_projected_inputs_per_node():
     check_darts_genotype(g2, 2)
     top = darts_space_genotype(net, [b.detach() for b in net.arch_weights()], "top2")
     assert [op for op, _ in g2.normal[:2]] and {op for op, _ in top.normal[:2]} == {op for op, _ in g2.normal[:2]}
+
+
+class _ToyDarts(Supernet):
+    "A DARTS-shaped supernet (normal and reduce α, `steps` nodes) at the cost of a linear model: logits = Σ_m Σ_eo β_meo · tanh(x) V_meo."
+    primitives = DARTS_PRIMITIVES[:4]
+    genotype = DartsSearchNetwork.genotype
+
+    def __init__(self, steps=3, d=6):
+        super().__init__()
+        self.steps = self.multiplier = steps
+        E = sum(2 + i for i in range(steps))
+        self.alphas_normal = nn.Parameter(torch.randn(E, 4))
+        self.alphas_reduce = nn.Parameter(torch.randn(E, 4))
+        self.feat = nn.Parameter(0.5 * torch.randn(2, E, 4, d, 10))
+
+    def forward(self, x, weights=None):
+        w = self.arch_weights() if weights is None else weights
+        return sum(torch.einsum("bd,eo,eodk->bk", torch.tanh(x), wm, self.feat[m]) for m, wm in enumerate(w))
+
+
+def _toy_pt(seed=0, steps=3):
+    from torch.utils.data import TensorDataset
+    torch.manual_seed(seed)
+    net = _ToyDarts(steps).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    ds = TensorDataset(torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randint(0, 10, (32,), generator=g))
+    return net, ds
+
+
+def _rounds(log):
+    "The decisions of a DARTS-PT log grouped into rounds (split at tuning epochs), and the tuning epochs after each round."
+    rounds, tunes = [[]], [[]]
+    for ev in log:
+        if ev[0] == "tune":
+            tunes[-1].append(ev)
+        else:
+            if tunes[-1]: rounds.append([]); tunes.append([])
+            rounds[-1].append(ev[:3])
+    return rounds, tunes
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_darts_pt_official_schedule(seed):
+    # ruocwang/darts-pt 4ec3149 sota/cnn/projection.py:157-183: each round `project_op(normal)` then `project_op(reduce)`
+    # (a random remaining edge each), then `proj_intv` tuning epochs; after the 14 edges, `project_edge` the same way per node
+    net, ds = _toy_pt(seed)
+    E, nodes, intv = net.alphas_normal.shape[0], list(darts_node_edges(3)), 2
+    log = []
+    darts_pt_project(net, ds, ds, intv, seed=seed, batch_size=16, topology=True, log=log)
+    rounds, tunes = _rounds(log)
+    assert len(rounds) == E + len(nodes)                                   # 9 + 2 rounds, not 2·9 + 2·2 decisions apart
+    for r, (dec, tun) in enumerate(zip(rounds, tunes)):
+        kind = "op" if r < E else "node"
+        assert [(k, m) for k, m, _ in dec] == [(kind, 0), (kind, 1)]     # normal, then reduce, in every round
+        assert [t[1] for t in tun] == ([r * intv + k for k in range(intv)] if r < len(rounds) - 1 else [])
+    for m in (0, 1):                                                     # every edge and node decided once per cell
+        assert sorted(d[m][2] for d in rounds[:E]) == list(range(E))
+        assert sorted(d[m][2] for d in rounds[E:]) == nodes
+
+
+def test_darts_pt_order_is_random_per_cell_and_paper_order_is_one_decision_per_round():
+    seqs = []
+    for seed in range(4):
+        net, ds = _toy_pt(seed)
+        log = []
+        darts_pt_project(net, ds, ds, 0, seed=seed, batch_size=16, topology=True, log=log)
+        seqs.append([tuple(e[2] for e in log if e[0] == "op" and e[1] == m) for m in (0, 1)])
+    E = len(seqs[0][0])
+    assert any(s[0] != tuple(range(E)) for s in seqs)                  # not the fixed edge order
+    assert any(s[0] != s[1] for s in seqs)                             # the two cells draw their own edges
+    assert len({s[0] for s in seqs}) > 1                               # the seed changes the order
+    # the paper's Algorithm 1: one random (cell, edge) per round, tuned after each: 2·9 + 2·2 − 1 tuning intervals
+    net, ds = _toy_pt(0)
+    log = []
+    darts_pt_project(net, ds, ds, 1, seed=0, batch_size=16, topology=True, log=log, order="paper")
+    rounds, tunes = _rounds(log)
+    assert [len(d) for d in rounds] == [1] * (2 * E + 2 * 2) and sum(map(len, tunes)) == 2 * E + 2 * 2 - 1
+
+
+def test_darts_pt_decisions_are_the_removal_argmax_given_the_earlier_ones():
+    # naive restatement of `project_op` (metric 'loss', no tuning): each decision in log order maximises the loss after removing
+    # the op, on β with every earlier decision (the other cell's of the same round included) made one-hot
+    net, ds = _toy_pt(1)
+    log = []
+    darts_pt_project(net, ds, ds, 0, metric="loss", seed=1, batch_size=32, log=log)
+    w = [b.detach().clone() for b in net.arch_weights()]
+    for _, m, e, o in log:
+        losses = []
+        for k in range(w[m].shape[1]):
+            wk = [x.clone() for x in w]; wk[m][e, k] = 0.0
+            losses.append(supernet_loss(net, [ds.tensors], wk)[0])
+        assert o == int(np.argmax(losses))
+        w[m][e] = 0.0; w[m][e, o] = 1.0
+
+
+def test_darts_pt_tuning_lr_is_the_official_scheduler():
+    # projection.py:134-136 builds CosineAnnealingLR(optimizer at LR/10, T = proj_intv·num_projs + 1, eta_min=learning_rate_min)
+    # and never calls scheduler.step(): what runs is LR/10 = 0.0025 throughout; 'cosine' is the scheduler stepped per epoch
+    net, ds = _toy_pt(2, steps=2)
+    intv = 2
+    logs = {}
+    for mode in ("constant", "cosine"):
+        logs[mode] = []
+        darts_pt_project(net, ds, ds, intv, seed=2, batch_size=16, topology=True, tune_lr=mode, log=logs[mode])
+    n_rounds = len(_rounds(logs["constant"])[0])
+    T = intv * (n_rounds - 1) + 1
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.025 / 10)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(T), eta_min=0.001)
+    never_stepped = [opt.param_groups[0]["lr"]] * (T - 1)
+    stepped = []
+    for _ in range(T - 1): stepped.append(opt.param_groups[0]["lr"]); opt.step(); sched.step()
+    for mode, ref in (("constant", never_stepped), ("cosine", stepped)):
+        tunes = [e for e in logs[mode] if e[0] == "tune"]
+        assert [t for _, t, _ in tunes] == list(range(T - 1))
+        np.testing.assert_allclose([lr for *_, lr in tunes], ref, rtol=1e-12)
+    # closed form of the cosine: η_min + (η_0 − η_min)(1 + cos(π t / T)) / 2
+    np.testing.assert_allclose(stepped, [0.001 + 0.0015 * (1 + math.cos(math.pi * t / T)) / 2 for t in range(T - 1)], rtol=1e-12)
+    assert never_stepped[-1] == stepped[0] == 0.0025 and stepped[-1] < 0.0012
+
+
+def test_darts_pt_keeps_one_optimizer_for_the_whole_projection(monkeypatch):
+    # `model.reset_optimizer(LR / 10, ...)` once before the loop: θ's momentum carries from one round to the next
+    import paperlab.ostr_darts as od
+    made = []
+    real = od.search_optimizers
+    monkeypatch.setattr(od, "search_optimizers", lambda *a, **k: made.append(1) or real(*a, **k))
+    net, ds = _toy_pt(0, steps=2)
+    darts_pt_project(net, ds, ds, 1, seed=0, batch_size=16, topology=True)
+    assert len(made) == 1
+
+
+def test_project_topology_node_order_is_random_alternating_cells():
+    # the official `project_edge` rounds: one random remaining node of the normal cell, then one of the reduce cell
+    seen = set()
+    for seed in range(6):
+        net, ds = _toy_pt(seed, steps=4)
+        log = []
+        g = darts_space_genotype(net, [b.detach() for b in net.arch_weights()], "project", [ds.tensors], seed=seed, log=log)
+        check_darts_genotype(g, 4)
+        assert [m for _, m, _, _ in log] == [0, 1] * 3
+        for m in (0, 1): assert sorted(n for _, mm, n, _ in log if mm == m) == [0, 1, 2]
+        seen.add(tuple(n for _, m, n, _ in log if m == 0))
+    assert len(seen) > 1 and seen != {(0, 1, 2)}
