@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -19,13 +22,14 @@ from typing import Callable, Sequence
 import nbformat
 from tqdm.auto import tqdm
 
-from .core import MODES, atomic_write, get_mode, repo_root, results_dir
-from .docs import chapter_name
-from .ledger import all_ledgers, ledgers_markdown
+from .core import MODES, atomic_write, get_mode, repo_root
+from .docs import _pid_alive, chapter_folder, chapter_name, executed_path, readable_results
+from .docs import recover_folder, saved_ledgers, swap_folder
+from .ledger import ledgers_markdown
 
 # %% auto #0
-__all__ = ['WIDGET_CELL_TIMEOUT', 'nbs_dir', 'chapters', 'resolve_chapters', 'ChapterInterrupted', 'run_chapter', 'parser',
-           'main']
+__all__ = ['WIDGET_CELL_TIMEOUT', 'nbs_dir', 'chapters', 'resolve_chapters', 'Refused', 'chapter_lock', 'saved_run',
+           'full_run_at_risk', 'writable_results', 'ChapterInterrupted', 'run_chapter', 'parser', 'main']
 
 # %% ../nbs/06_cli.ipynb #d21c3953
 def nbs_dir() -> Path:
@@ -49,9 +53,81 @@ def resolve_chapters(names: Sequence[str], nbs: Path | None = None) -> dict[str,
         raise ValueError(f"unknown chapter(s) {unknown}: known chapters are {list(known)}")
     return {n: known[n] for n in names}
 
+# %% ../nbs/06_cli.ipynb #3f1b2c02
+class Refused(ValueError):
+    "`paperlab reproduce` will not start a run: the chapter is being run already, or a quick run would replace a full one."
+
+
+def _lock_holder(fd: int) -> str:
+    "The pid written in a lock file ('unknown' in the instant before its holder has written it)."
+    pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return pid if pid.isdigit() else "unknown"
+
+
+@contextlib.contextmanager
+def chapter_lock(results: Path, name: str, wait: bool = False):
+    "Hold `results/.lock-<name>` (an exclusive flock) for one run of chapter `name`; Refused, naming the holder's pid, if it is held (unless `wait`)."
+    path = Path(results) / f".lock-{name}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            if not wait:
+                raise Refused(f"{name} is being reproduced into {results} by pid {holder} (lock {path}): "
+                              "wait for that run to end, or pass --wait") from None
+            print(f"{name}: waiting for pid {holder}, which is reproducing {name} into {results}", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0); os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try: yield path
+        finally: os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)   # releases the lock
+
+
+def saved_run(results: Path, name: str, nb_path: Path) -> dict | None:
+    "Mode and date of the run stored for chapter `name` (its executed notebook's metadata, else its claims.json), or None."
+    folder = chapter_folder(results, name)
+    executed, claims = folder / Path(nb_path).name, folder / "claims.json"
+    try:
+        if executed.exists():
+            meta = json.loads(executed.read_text(encoding="utf-8")).get("metadata", {}).get("paperlab", {})
+            if meta.get("mode"):
+                date = meta.get("finished") or time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(executed.stat().st_mtime))
+                return {"mode": meta["mode"], "date": date, "folder": folder}
+        if claims.exists():
+            meta = json.loads(claims.read_text(encoding="utf-8")).get("meta", {})
+            if meta.get("mode"): return {"mode": meta["mode"], "date": meta.get("written", "?"), "folder": folder}
+    except (OSError, ValueError):   # unreadable: its mode is unknown
+        pass
+    return None
+
+
+def full_run_at_risk(results: Path, name: str, nb_path: Path, mode: str) -> dict | None:
+    "The stored full run of `name` that a `mode` run would replace (a quick run over a full one), else None."
+    saved = saved_run(results, name, nb_path)
+    return saved if mode == "quick" and saved is not None and saved["mode"] == "full" else None
+
+
+def _remove_leftovers(results: Path, name: str) -> None:
+    "Remove what killed runs of `name` left in `results`: staging folders of processes that are gone, half-written files."
+    for stage in results.glob(f".staging-{name}-*"):
+        m = re.fullmatch(rf"\.staging-{re.escape(name)}-(\d+)", stage.name)
+        if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))): shutil.rmtree(stage, ignore_errors=True)
+    for tmp in results.glob(f".{name}.failed.ipynb.*.tmp"): tmp.unlink(missing_ok=True)
+
+
+def writable_results(results: str | os.PathLike | None = None) -> Path:
+    "The results folder to write (`results`, else `$PAPERLAB_RESULTS` or `<repo>/results`), created; ValueError naming it where it cannot be."
+    path = readable_results(results)
+    try: path.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise ValueError(f"cannot create the results folder {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK): raise ValueError(f"cannot write to the results folder {path}: permission denied")
+    return path
+
 # %% ../nbs/06_cli.ipynb #64f658c0
 class ChapterInterrupted(KeyboardInterrupt):
-    "The user interrupted a chapter run (Ctrl-C); its earlier results were kept."
+    "The user interrupted a chapter run (Ctrl-C, or SIGTERM); its earlier results were kept."
 
 
 WIDGET_CELL_TIMEOUT = 300  # seconds: nbclient can wait forever on a cell that opens widgets (jupyter/nbclient#312)
@@ -66,12 +142,8 @@ def _cell_timeout(timeout: int | None) -> "Callable":
 
 
 def _swap_in(staged: Path, target: Path) -> None:
-    "Replace folder `target` by `staged` with renames, so a reader sees the old or the new folder, never a mix."
-    old = target.with_name(f".{target.name}.old")
-    if old.exists(): shutil.rmtree(old)
-    if target.exists(): os.replace(target, old)
-    os.replace(staged, target)
-    if old.exists(): shutil.rmtree(old)
+    "Replace the chapter folder `target` by `staged` (`swap_folder`): a reader sees the old or the new folder, a failure keeps the old."
+    swap_folder(staged, target, target.with_name(f".{target.name}.old"))
 
 
 def _kernel_pid(client) -> int | None:
@@ -89,34 +161,48 @@ def _signal_kernel(client, sig: int) -> None:
 
 
 def _execute_interruptibly(client, interrupted: threading.Event, **kernel_kw) -> None:
-    "Run `client.execute()` in a worker thread; Ctrl-C in the main thread interrupts the kernel, a second one kills it."
+    "Run `client.execute()` in a worker thread; Ctrl-C in the main thread interrupts the kernel, a second one (or SIGTERM) kills it."
     error: list[BaseException] = []
 
     def work():
         try: client.execute(**kernel_kw)
         except BaseException as e: error.append(e)
 
-    def on_sigint(signum, frame):
-        _signal_kernel(client, signal.SIGKILL if interrupted.is_set() else signal.SIGINT)
+    def on_signal(signum, frame):
+        at_once = signum == signal.SIGTERM or interrupted.is_set()
+        _signal_kernel(client, signal.SIGKILL if at_once else signal.SIGINT)
         interrupted.set()
 
     worker = threading.Thread(target=work, name="paperlab-nbclient", daemon=True)
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
         worker.start()
         while worker.is_alive(): worker.join(0.1)
     finally:
-        if in_main: signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items(): signal.signal(sig, handler)
     if error: raise error[0]
 
 
 def run_chapter(name: str, nb_path: Path, mode: str | None = None, results: Path | None = None,
-                timeout: int | None = None, progress: bool = True) -> Path:
-    "Execute one chapter notebook headless into `results/<name>/`; return the executed notebook's path."
-    from nbclient import NotebookClient
+                timeout: int | None = None, progress: bool = True, force: bool = False, wait: bool = False) -> Path:
+    "Execute one chapter notebook headless into `results/<name>/` under the chapter's lock; return the executed notebook's path."
     mode = get_mode(mode)
-    results = Path(results) if results else results_dir()
+    results = writable_results(results)
+    with chapter_lock(results, name, wait=wait):
+        recover_folder(results / name, results / f".{name}.old")   # a run killed between the two renames of its swap
+        _remove_leftovers(results, name)
+        at_risk = full_run_at_risk(results, name, nb_path, mode)
+        if at_risk and not force:
+            raise Refused(f"{name}: a quick run would replace the full-mode run of {at_risk['date']} in {at_risk['folder']} "
+                          "(its executed notebook, figures and claims.json); pass --force to replace it, or --results another folder")
+        return _execute_chapter(name, Path(nb_path), mode, results, timeout, progress)
+
+
+def _execute_chapter(name: str, nb_path: Path, mode: str, results: Path, timeout: int | None, progress: bool) -> Path:
+    "The body of `run_chapter`, run while it holds the lock: execute into a staging folder, then swap it in."
+    from nbclient import NotebookClient
+    from traitlets.config import Config
     stage_root = results / f".staging-{name}-{os.getpid()}"
     stage = stage_root / name
     stage.mkdir(parents=True, exist_ok=True)
@@ -129,11 +215,13 @@ def run_chapter(name: str, nb_path: Path, mode: str | None = None, results: Path
     saved = {k: os.environ.get(k) for k in env}
     bar = tqdm(total=n_code, desc=f"{name} ({mode})", unit="cell", disable=not progress)
     interrupted = threading.Event()
+    config = Config()   # the kernel's connection file goes with the staging folder, not to /tmp/tmp*.json, where a killed run left it
+    config.KernelManager.connection_file = str(stage_root / "kernel.json")
 
     def on_cell_start(**kw):
         if interrupted.is_set(): raise ChapterInterrupted(name)   # interrupted between two cells
 
-    client = NotebookClient(nb, timeout=timeout, timeout_func=_cell_timeout(timeout), kernel_name="python3",
+    client = NotebookClient(nb, timeout=timeout, timeout_func=_cell_timeout(timeout), kernel_name="python3", config=config,
                             resources={"metadata": {"path": str(nb_path.parent)}}, on_cell_start=on_cell_start,
                             on_cell_executed=lambda **kw: bar.update(1) if kw["cell"].cell_type == "code" else None)
     try:
@@ -142,10 +230,12 @@ def run_chapter(name: str, nb_path: Path, mode: str | None = None, results: Path
         # the kernel's own stderr (start-up warnings) goes to a log in the staging folder, not into the caller's output
         with open(stage_root / "kernel.log", "w") as kernel_log:
             _execute_interruptibly(client, interrupted, stderr=kernel_log)
-        nb.metadata["paperlab"] = {"mode": mode, "seconds": round(time.time() - t0, 1), "chapter": name}
+        nb.metadata["paperlab"] = {"mode": mode, "seconds": round(time.time() - t0, 1), "chapter": name,
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         out = stage / nb_path.name
         atomic_write(out, nbformat.writes(nb))
         _swap_in(stage, results / name)
+        (results / f"{name}.failed.ipynb").unlink(missing_ok=True)   # an earlier failure, superseded
         return results / name / nb_path.name
     except BaseException as e:
         atomic_write(results / f"{name}.failed.ipynb", nbformat.writes(nb))
@@ -161,13 +251,13 @@ def run_chapter(name: str, nb_path: Path, mode: str | None = None, results: Path
 # %% ../nbs/06_cli.ipynb #0b66cdf6
 def _list(args) -> int:
     "Print every chapter with its claim count and the verdicts of its last run."
-    ledgers = all_ledgers(args.results)
-    results = Path(args.results) if args.results else results_dir()
+    results = readable_results(args.results)
+    ledgers = saved_ledgers(results)
     print(f"{'chapter':<12} {'notebook':<22} {'claims':>6}  last run")
     for name, path in chapters(args.nbs).items():
         led = ledgers.get(name)
         if led is None:
-            executed = results / name / path.name
+            executed = chapter_folder(results, name) / path.name
             ran = nbformat.read(executed, as_version=4).metadata.get("paperlab", {}) if executed.exists() else None
             status = f"{ran.get('mode', '?')} mode, {ran.get('seconds', '?')} s, no claims" if ran else "not run yet"
             print(f"{name:<12} {path.name:<22} {'—':>6}  {status}")
@@ -178,41 +268,51 @@ def _list(args) -> int:
 
 
 def _reproduce(args) -> int:
-    "Execute the chosen chapters; non-zero exit if any fails, 130 when interrupted."
+    "Execute the chosen chapters; 1 if any fails, 2 if any was refused (busy, or quick over full), 130 when interrupted."
     from nbclient.exceptions import CellTimeoutError
     if not args.all and not args.chapters:
         raise ValueError("name chapters to reproduce, or pass --all")
     todo = chapters(args.nbs) if args.all else resolve_chapters(args.chapters, args.nbs)
-    failed, times = [], {}
+    results, mode = writable_results(args.results), get_mode(args.mode)
+    at_risk = {n: r for n, p in todo.items() if (r := full_run_at_risk(results, n, p, mode)) and not args.force}
+    if at_risk:   # checked for every chapter before any runs; each run checks again under its lock
+        runs = ", ".join(f"{n} (full mode, {r['date']})" for n, r in at_risk.items())
+        raise Refused(f"a quick run would replace the full-mode results in {results} of {runs}: "
+                      "pass --force to replace them, or --results another folder")
+    failed, refused, times = [], [], {}
     for name, path in todo.items():
         t0 = time.time()
+        run = lambda: run_chapter(name, path, mode=mode, results=results, timeout=args.timeout, force=args.force, wait=args.wait)
         try:
-            try:
-                out = run_chapter(name, path, mode=args.mode, results=args.results, timeout=args.timeout)
+            try: out = run()
             except CellTimeoutError:   # a widget cell that hung nbclient (jupyter/nbclient#312): one more try, then give up
                 print(f"{name}: a cell timed out; running the chapter once more", file=sys.stderr)
-                out = run_chapter(name, path, mode=args.mode, results=args.results, timeout=args.timeout)
+                out = run()
             print(f"{name}: ok -> {out}")
         except KeyboardInterrupt:
             print(f"{name}: interrupted; the kernel was shut down and the earlier results of {name} were kept", file=sys.stderr)
             return 130
+        except Refused as e:
+            print(f"paperlab: error: {e}", file=sys.stderr)
+            refused.append(name)
+            continue
         except Exception as e:
             print(f"{name}: FAILED ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})", file=sys.stderr)
             failed.append(name)
         times[name] = round(time.time() - t0, 1)
     if len(times) > 1:  # a table of each chapter's time, printed and saved
         table = "| chapter | mode | seconds |\n|---|---|---|\n" + "".join(
-            f"| {n} | {get_mode(args.mode)} | {s} |\n" for n, s in times.items()) + f"| total | | {round(sum(times.values()), 1)} |\n"
+            f"| {n} | {mode} | {s} |\n" for n, s in times.items()) + f"| total | | {round(sum(times.values()), 1)} |\n"
         print(table)
-        atomic_write((Path(args.results) if args.results else results_dir()) / f"times-{get_mode(args.mode)}.md", table)
+        atomic_write(results / f"times-{mode}.md", table)
     if failed:
         print(f"failed chapters: {failed}", file=sys.stderr)
-    return 1 if failed else 0
+    return 2 if refused else 1 if failed else 0
 
 
 def _ledger(args) -> int:
     "Print the ledgers of every chapter (or the chosen ones) as Markdown or JSON."
-    ledgers = all_ledgers(args.results)
+    ledgers = saved_ledgers(readable_results(args.results))
     if args.chapters:
         missing = [c for c in args.chapters if c not in ledgers]
         if missing:
@@ -228,15 +328,19 @@ def _ledger(args) -> int:
 def _efficiency(args) -> int:
     "Print the book's efficiency table: every chapter's `efficiency:` claims, measured ratio ÷ arithmetic ratio."
     from paperlab.ledger import efficiency_markdown, efficiency_rows
-    ledgers = all_ledgers(args.results)
+    ledgers = saved_ledgers(readable_results(args.results))
     print(json.dumps(efficiency_rows(ledgers), indent=1) if args.format == "json" else efficiency_markdown(ledgers))
     return 0
 
 
 def _docs(args) -> int:
-    "Build the docs site and README (see `paperlab.docs`)."
+    "Build the docs site and README (see `paperlab.docs`) from the results folder (`--results`, else the default one)."
     from paperlab import docs
-    return docs.main([args.what] + ([] if args.what == "readme" else ["--out", args.out])) or 0
+    results = readable_results(args.results)   # a bad results path: a one-line error here, before Sphinx starts
+    if args.what == "readme":
+        index = executed_path("index.ipynb", results)
+        return docs.main(["readme"] + (["--nb", str(index)] if index.exists() else [])) or 0
+    return docs.main(["build", "--out", args.out, "--results", str(results)] + (["--nbs", str(args.nbs)] if args.nbs else [])) or 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -251,6 +355,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--all", action="store_true", help="every chapter, the index last")
     r.add_argument("--mode", choices=MODES, default=None, help="quick (seconds) or full (minutes); default $PAPERLAB_MODE or quick")
     r.add_argument("--timeout", type=int, default=None, help="seconds allowed per cell (default: none)")
+    r.add_argument("--force", action="store_true", help="let a quick run replace a chapter's full-mode results")
+    r.add_argument("--wait", action="store_true", help="wait for a run of the same chapter to end, instead of refusing")
     r.set_defaults(fn=_reproduce)
     l = sub.add_parser("ledger", help="print the claims ledgers")
     l.add_argument("chapters", nargs="*")

@@ -93,22 +93,29 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
-def results_dir(chapter: str | None = None) -> Path:
-    "The results folder (`$PAPERLAB_RESULTS` or `<repo>/results`), or a chapter's sub-folder; created if missing."
+def results_dir(chapter: str | None = None, create: bool = True) -> Path:
+    "The results folder (`$PAPERLAB_RESULTS` or `<repo>/results`), or a chapter's sub-folder; created if missing unless `create=False` (readers)."
     base = Path(os.environ.get("PAPERLAB_RESULTS", repo_root() / "results"))
     path = base / chapter if chapter else base
-    path.mkdir(parents=True, exist_ok=True)
+    if create: path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], None]) -> Path:
-    "Write text, bytes, or whatever `data(tmp_path)` writes, to `path` via a temporary file and an atomic rename."
+    "Write text, bytes, or whatever `data(tmp_path)` writes, to `path` via a temporary file and an atomic rename; mode 0o666 less the umask."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     tmp = Path(tmp)
     try:
+        # mkstemp makes the file 0600, which hid every result from other users: give it the mode `open` gives. The umask
+        # is read from /proc, since os.umask reads it only by setting it, for every thread of the process at once.
+        status = Path("/proc/self/status")
+        umask = next((int(line.split()[1], 8) for line in status.read_text().splitlines() if line.startswith("Umask:")),
+                     None) if status.exists() else None
+        if umask is None: umask = os.umask(0o077); os.umask(umask)
+        try: os.fchmod(fd, 0o666 & ~umask)
+        finally: os.close(fd)
         if callable(data): data(tmp)
         elif isinstance(data, bytes): tmp.write_bytes(data)
         else: tmp.write_text(data, encoding="utf-8")

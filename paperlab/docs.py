@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import ctypes
+import errno
 import importlib
 import importlib.util
 import inspect
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -23,20 +26,53 @@ from nbformat import NotebookNode
 from .core import atomic_write, repo_root, results_dir
 
 # %% auto #0
-__all__ = ['EFFICIENCY_INTRO', 'README_HEADER', 'chapter_name', 'executed_path', 'split_directives', 'page_cell', 'default_exp',
-           'api_objects', 'source_line', 'api_entry', 'api_reference_cell', 'write_source_pages', 'stage_notebook',
-           'list_notebooks', 'stage_site', 'build_docs', 'readme_markdown', 'write_readme', 'main']
+__all__ = ['EFFICIENCY_INTRO', 'README_HEADER', 'chapter_name', 'readable_results', 'chapter_folder', 'executed_path',
+           'saved_ledgers', 'split_directives', 'page_cell', 'default_exp', 'api_objects', 'source_line', 'api_entry',
+           'api_reference_cell', 'write_source_pages', 'stage_notebook', 'list_notebooks', 'stage_site',
+           'recover_folder', 'swap_folder', 'build_docs', 'readme_markdown', 'write_readme', 'main']
 
 # %% ../nbs/05_docs.ipynb #b89ae347
 def chapter_name(nb: str | os.PathLike) -> str:
     "The chapter of a notebook: its file name without the numeric prefix (`10_inline.ipynb` -> `inline`)."
     return re.sub(r"^\d+[_-]", "", Path(nb).stem)
 
+# %% ../nbs/05_docs.ipynb #5c0e7a11
+def readable_results(results: str | os.PathLike | None = None) -> Path:
+    "The results folder to read (`results`, else `results_dir(create=False)`), created never; ValueError naming it if it is not a readable folder."
+    path = Path(results) if results is not None else results_dir(create=False)
+    try: mode = path.stat().st_mode
+    except FileNotFoundError: return path              # nothing has been run yet
+    except OSError as e: raise ValueError(f"cannot read the results folder {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(mode):
+        raise ValueError(f"the results path {path} is not a folder: pass --results (or set $PAPERLAB_RESULTS) to a folder")
+    if not os.access(path, os.R_OK | os.X_OK): raise ValueError(f"cannot read the results folder {path}: permission denied")
+    return path
+
+
+def chapter_folder(results: str | os.PathLike, chapter: str) -> Path:
+    "`<results>/<chapter>`, or the `.<chapter>.old` copy that an interrupted swap left where that folder is missing."
+    folder = Path(results) / chapter
+    old = folder.with_name(f".{chapter}.old")
+    return old if not folder.exists() and old.is_dir() else folder
+
 
 def executed_path(nb: str | os.PathLike, results: str | os.PathLike | None = None) -> Path:
-    "Where `paperlab reproduce` writes the executed copy of `nb`: `<results>/<chapter>/<file>.ipynb`."
-    base = Path(results) if results is not None else results_dir()
-    return base / chapter_name(nb) / Path(nb).name
+    "Where `paperlab reproduce` writes the executed copy of `nb`: `<results>/<chapter>/<file>.ipynb` (see `chapter_folder`)."
+    base = Path(results) if results is not None else results_dir(create=False)
+    return chapter_folder(base, chapter_name(nb)) / Path(nb).name
+
+
+def saved_ledgers(results: str | os.PathLike) -> dict:
+    "Every chapter's ledger saved under `results` (`all_ledgers`) by chapter name, a `.<chapter>.old` copy standing in for a missing folder."
+    from paperlab.ledger import all_ledgers
+    results = Path(results)
+    if not results.is_dir(): return {}
+    found = all_ledgers(results)   # it skips a bad claims.json with a warning
+    ledgers = {k: v for k, v in found.items() if not k.startswith(".")}   # dot folders: staging, old copies
+    for k, led in found.items():
+        name = k[1:-len(".old")] if k.startswith(".") and k.endswith(".old") else None
+        if name and name not in ledgers and chapter_folder(results, name).name == k: ledgers[name] = led
+    return dict(sorted(ledgers.items()))
 
 # %% ../nbs/05_docs.ipynb #9216e1f1
 _DIRECTIVE = re.compile(r"^\s*#\|\s?(.*?)\s*$")
@@ -246,8 +282,9 @@ def _toctree(docnames: list[str], hidden: bool) -> str:
 
 def stage_site(dest: str | os.PathLike, nbs: str | os.PathLike | None = None,
                results: str | os.PathLike | None = None, static: str | os.PathLike | None = None) -> list[str]:
-    "Write the Sphinx source folder of the book into `dest` (emptied first); return the page names in order."
+    "Write the Sphinx source folder of the book into `dest` (emptied first) from `results` (default: the results folder); return the page names."
     dest, nbs = Path(dest), Path(nbs) if nbs is not None else repo_root() / "nbs"
+    results = readable_results(results)   # default: $PAPERLAB_RESULTS or results/, as `paperlab reproduce` writes
     static = Path(static) if static is not None else repo_root() / "docs_src"
     if dest.exists(): shutil.rmtree(dest)
     (dest / "_static").mkdir(parents=True)
@@ -264,8 +301,8 @@ def stage_site(dest: str | os.PathLike, nbs: str | os.PathLike | None = None,
                                        + _toctree(chapters + ["efficiency"], hidden=False), encoding="utf-8")
     for name, nb in staged.items(): nbformat.write(nb, dest / f"{name}.ipynb")
     write_source_pages(dest / "_static" / "source")
-    from paperlab.ledger import all_ledgers, efficiency_markdown
-    ledgers = all_ledgers(results) if results is not None and Path(results).is_dir() else {}
+    from paperlab.ledger import efficiency_markdown
+    ledgers = saved_ledgers(results)
     (dest / "efficiency.md").write_text("# Efficiency across the book\n\n" + EFFICIENCY_INTRO + "\n\n"
                                         + efficiency_markdown(ledgers), encoding="utf-8")
     for img in nbs.rglob("*"):
@@ -307,19 +344,51 @@ def _remove_stale_builds(out: Path) -> None:
         if m and not _pid_alive(int(m.group(1))): shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _swap_in(new: Path, out: Path, trash: Path) -> None:
-    "Put the folder `new` at `out`, moving the old `out` (if any) into `trash` first; restore it if the move fails."
-    had_old = out.exists()
-    if had_old: os.replace(out, trash)
-    try: os.replace(new, out)
-    except BaseException:
-        if had_old: os.replace(trash, out)
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2   # from Linux's fcntl.h and fs.h
+
+
+def _exchange(a: Path, b: Path) -> None:
+    "Swap the paths `a` and `b` in one atomic step (Linux `renameat2` with `RENAME_EXCHANGE`); OSError where there is no such call."
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None: raise OSError(errno.ENOSYS, "renameat2 is not available on this system")
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def recover_folder(target: Path, old: Path) -> None:
+    "Finish a swap that was killed between its two renames: put `old` back at a missing `target`, else remove it."
+    if not old.exists(): return
+    if target.exists(): shutil.rmtree(old)   # the second rename happened: `target` is the newer folder
+    else: os.replace(old, target)
+
+
+def swap_folder(new: Path, target: Path, old: Path | None = None) -> None:
+    "Put the folder `new` at `target`, replacing any old one whole; a reader sees the old or the new folder, and a failure keeps the old."
+    target = Path(target)
+    old = Path(old) if old is not None else target.with_name(f".{target.name}.old")
+    if not Path(new).is_dir(): raise FileNotFoundError(f"no folder {new} to put at {target}")
+    recover_folder(target, old)
+    if target.exists():
+        try: _exchange(new, target)           # one step: `target` is never missing
+        except OSError: pass                  # not on this system or file system: two renames
+        else:
+            shutil.rmtree(new, ignore_errors=True)   # it holds the old folder now
+            return
+    try:
+        if target.exists(): os.replace(target, old)
+        os.replace(new, target)
+    except BaseException:   # a failure or an interrupt, wherever it came: the old folder goes back
+        if old.exists() and not target.exists(): os.replace(old, target)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_docs(out: str | os.PathLike = "_docs", results: Path | None = None, nbs: Path | None = None,
                quiet: bool = True) -> Path:
-    "Build the book's static site into `out` from the executed chapters; return the path of its `index.html`."
+    "Build the book's static site into `out` from the executed chapters in `results` (default: the results folder); return its `index.html`."
+    results = readable_results(results)   # a bad results path: an error before anything is built
     from sphinx.cmd.build import build_main  # Sphinx is a docs-only dependency; import it when building
     out = _abs(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -333,7 +402,7 @@ def build_docs(out: str | os.PathLike = "_docs", results: Path | None = None, nb
         status = build_main(args)
         if status != 0 or not (tmp / "html" / "index.html").exists():
             raise RuntimeError(f"sphinx-build failed (status {status}); the previous site in {out} is unchanged")
-        _swap_in(tmp / "html", out, tmp / "old")
+        swap_folder(tmp / "html", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / "index.html"
@@ -397,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, FileNotFoundError) as e:
         print(f"paperlab.docs: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:   # a results path that is not a readable folder
+        print(f"paperlab.docs: error: {e}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 
