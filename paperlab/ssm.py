@@ -33,6 +33,9 @@ def check_scan_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
                     z: Tensor | None = None, delta_bias: Tensor | None = None) -> tuple[int, int, int, int]:
     "Validate mamba-ssm's layout — u, delta, z (B, D, L); A (D, N); B, C (D, N), (B, N, L) or (B, G, N, L); D, delta_bias (D,) — and return (B, D, L, N)."
     if A.is_complex(): raise ValueError("complex A is not supported (mamba-ssm's S4D-complex variant); pass a real A")
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
+        if t is not None and not (isinstance(t, Tensor) and t.is_floating_point()):
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if u.dim() != 3: raise ValueError(f"u must be (batch, dim, length), got shape {tuple(u.shape)}")
     b, d, L = u.shape
     if delta.shape != u.shape: raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")

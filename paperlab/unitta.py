@@ -518,6 +518,8 @@ FILTER_RULES = ("official", "single")
 
 def softmax_twice_threshold(num_classes: int) -> float:
     "The largest top probability softmax can give a probability vector: e / (e + K − 1), at a one-hot input."
+    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"num_classes must be a whole number >= 2, got {num_classes!r}")
     return float(np.e / (np.e + num_classes - 1))
 
 

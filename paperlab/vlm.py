@@ -348,6 +348,12 @@ def reduce_visual_tokens(model: nn.Module, layer: int, reducer, layout: slice | 
 
 def drop_visual_tokens(model: nn.Module, keep_vis: Tensor, layer: int, layout: slice | None = None):
     "Inside, the LM of `model` (a TinyVLM or a Llama-shaped causal LM) drops the visual tokens not in `keep_vis` (B, k) before decoder layer `layer`; kept tokens keep their position ids."
+    if not isinstance(keep_vis, Tensor) or keep_vis.dtype.is_floating_point or keep_vis.dtype == torch.bool or keep_vis.dim() != 2:
+        raise TypeError(f"keep_vis must be an integer tensor (B, k) of visual-token indices, got "
+                        f"{getattr(keep_vis, 'dtype', type(keep_vis).__name__)} {tuple(getattr(keep_vis, 'shape', ()))}")
+    if keep_vis.shape[1] > 1 and (keep_vis.sort(dim=1).values.diff(dim=1) == 0).any():
+        raise ValueError("keep_vis holds a visual-token index twice in one row: each kept token must be listed once")
+
     def keep(hs: Tensor, module: nn.Module, layout: slice) -> tuple[Tensor, Tensor]:
         idx = sequence_keep_index(keep_vis.cpu(), layout, hs.shape[1]).to(hs.device)
         return _gather(hs, idx, 1), idx
