@@ -2,7 +2,8 @@
 #   make book   install into .venv, run every chapter in full mode, write results/ and the docs site _docs/
 #   make test   install into .venv if needed, run every notebook in quick mode (nbdev_test) and pytest tests/
 #   make lab    JupyterLab on nbs/ with the project's environment as its kernel
-#   make verify the book as its users meet it: every chapter run in quick mode into $(QUICK), rerun under nbval
+#   make verify the book as its users meet it: every chapter run in quick mode into $(QUICK), its ledgers checked
+#               against their executed notebooks (paperlab ledger --check), rerun under nbval
 #               and compared output by output, the docs site built from those runs, and browser tests of the
 #               site and of JupyterLab (Playwright with the system Chromium; .ci/run installs it)
 SHELL := /bin/bash
@@ -62,6 +63,7 @@ lab: kernel
 JOBS ?= 2
 verify: install kernel
 	$(MAKE) --no-print-directory quick-runs
+	$(BIN)/paperlab --results $(abspath $(QUICK)) ledger --check
 	$(MAKE) --no-print-directory nbval
 	PAPERLAB_RESULTS=$(QUICK) $(BIN)/paperlab docs build --out $(QUICK)/_docs
 	$(MAKE) --no-print-directory browser

@@ -311,7 +311,13 @@ def _reproduce(args) -> int:
 
 
 def _ledger(args) -> int:
-    "Print the ledgers of every chapter (or the chosen ones) as Markdown or JSON."
+    "Print the ledgers of every chapter (or the chosen ones) as Markdown or JSON; `--check` verifies them instead (exit 1 on a mismatch)."
+    if args.check:
+        from paperlab.ledger import check_ledgers
+        problems = check_ledgers(readable_results(args.results))
+        for line in problems: print(line)
+        print(f"paperlab ledger --check: {len(problems)} problem(s)")
+        return 1 if problems else 0
     ledgers = saved_ledgers(readable_results(args.results))
     if args.chapters:
         missing = [c for c in args.chapters if c not in ledgers]
@@ -361,6 +367,8 @@ def parser() -> argparse.ArgumentParser:
     l = sub.add_parser("ledger", help="print the claims ledgers")
     l.add_argument("chapters", nargs="*")
     l.add_argument("--format", choices=("md", "json"), default="md")
+    l.add_argument("--check", action="store_true", help="recompute every verdict and compare each claims.json with the "
+                   "ledger its executed notebook displayed; exit 1 on any mismatch")
     l.set_defaults(fn=_ledger)
     e = sub.add_parser("efficiency", help="the book's efficiency table: measured speed-up ÷ arithmetic ratio, per chapter")
     e.add_argument("--format", choices=("md", "json"), default="md")

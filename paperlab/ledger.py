@@ -711,6 +711,7 @@ def check_ledgers(root: str | Path | None = None) -> list[str]:
     problems: list[str] = []
     if not root.is_dir(): return [f"{root}: no results folder"]
     for p in sorted(root.glob("*/claims.json")):
+        if p.parent.name.startswith("."): continue   # staging folders and old copies
         try: led = Ledger.load(p)
         except ValueError as e:
             problems.append(str(e)); continue

@@ -81,3 +81,37 @@ def test_a_quick_ledger_writes_no_finding(tmp_path):
     back = Ledger.load(led.save(tmp_path / "claims.json"))
     assert back["x"].verdict == SMOKE and back["p"].verdict == "reproduced"
     assert math.isclose(back["x"].measured, led["x"].measured)
+
+
+def _executed(folder, ledger):
+    "A stand-in for an executed chapter notebook whose last cell displayed `ledger`."
+    import json
+    nb = {"cells": [{"cell_type": "code", "source": "ledger", "outputs": [
+        {"output_type": "execute_result", "data": {"text/markdown": ledger._repr_markdown_()}}]}]}
+    (folder / f"{ledger.chapter}.ipynb").write_text(json.dumps(nb))
+
+
+def test_cli_ledger_check_catches_consistent_tampering(tmp_path, capsys):
+    import json
+    from paperlab.cli import main
+    led = Ledger("toy", mode="full")
+    led.paired("gain", "the method wins", 2.0, "pp", [2.0, 2.5, 2.2], [1.0, 1.2, 1.1], no_control_because="test")
+    led.claim("flops", "fewer FLOPs", 2.0, "×", 1.7, above(1), evidence="deterministic")
+    p = led.save(tmp_path / "toy" / "claims.json")
+    _executed(tmp_path / "toy", led)
+    assert main(["--results", str(tmp_path), "ledger", "--check"]) == 0
+    raw = json.loads(p.read_text())
+    gain = raw["claims"][0]
+    gain.update(measured=-2.3, interval=[-3.0, -1.5], verdict="not reproduced", seeds_to_decide=None)
+    raw["claims"][1]["rule"]["kind"] = "below"; raw["claims"][1]["verdict"] = "not reproduced"
+    p.write_text(json.dumps(raw))
+    Ledger.load(p)   # self-consistent: loads
+    capsys.readouterr()
+    assert main(["--results", str(tmp_path), "ledger", "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "claim 'gain': measured is -2.3" in out and "claim 'flops': rule" in out and str(p) in out
+    # mode edited from quick to full in the file alone: caught on load
+    raw["meta"]["mode"] = "quick"
+    p.write_text(json.dumps(raw))
+    assert main(["--results", str(tmp_path), "ledger", "--check"]) == 1
+    assert "measured in full mode" in capsys.readouterr().out
