@@ -22,22 +22,25 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import atomic_write, repo_root, seed_everything
+from .core import SpeedComparison, atomic_write, repo_root, seed_everything
 from .data import PALETTE, SHAPE_CLASSES, shape_mask
+from .ledger import Claim, Ledger, below, paired_control
 from .train import cosine_lr, param_groups
 
 # %% auto #0
 __all__ = ['THING_COLORS', 'PATTERNS', 'STUFF_CLASSES', 'THING_CLASSES', 'CLASSES', 'UNSEEN', 'SEEN', 'IS_THING', 'DOMAINS',
            'WORDS', 'DATA_VERSION', 'POOL_ORDERS', 'VARIANTS', 'TUNINGS', 'SEEN_MASK', 'FULL_SIZE', 'ARMS',
-           'make_scene', 'scenes', 'semantic_map', 'tokenize', 'TinyClipConfig', 'tiny_clip', 'clip_input',
-           'text_classifier', 'caption', 'clip_loss', 'pretrain_clip', 'cached_module', 'pretrained_clip',
-           'mask_pooling', 'valid_masks', 'pooled_embedding', 'classification_logits', 'geometric_ensemble',
-           'semantic_inference', 'panoptic_inference', 'segments_of', 'panoptic_quality', 'pq_subset', 'mean_iou',
-           'MaskGeneratorConfig', 'clip_tokens', 'MaskGenerator', 'hungarian_match', 'set_loss', 'relabel',
-           'train_mask_generator', 'trained_mask_generator', 'train_scenes', 'block_forward', 'mask_attention_bias',
-           'ClassifierConfig', 'query_rows_mask', 'query_projection_params', 'MaskClassifier', 'pad_masks',
-           'train_classifier', 'predict', 'evaluate', 'full_size_clip', 'vit_tower_formula', 'tower_counts',
-           'eval_scenes', 'run_arm', 'run_experiment', 'mask_token_attention', 'plot_mask_attention']
+           'CONTROL_ARMS', 'PQ_RANGE', 'RECONSTRUCTED', 'SMART_PARTS', 'SHARED', 'make_scene', 'scenes', 'semantic_map',
+           'tokenize', 'TinyClipConfig', 'tiny_clip', 'clip_input', 'text_classifier', 'caption', 'clip_loss',
+           'pretrain_clip', 'cached_module', 'pretrained_clip', 'mask_pooling', 'valid_masks', 'pooled_embedding',
+           'classification_logits', 'geometric_ensemble', 'semantic_inference', 'panoptic_inference', 'segments_of',
+           'panoptic_quality', 'pq_subset', 'mean_iou', 'MaskGeneratorConfig', 'clip_tokens', 'MaskGenerator',
+           'hungarian_match', 'set_loss', 'relabel', 'train_mask_generator', 'trained_mask_generator', 'train_scenes',
+           'block_forward', 'mask_attention_bias', 'ClassifierConfig', 'query_rows_mask', 'query_projection_params',
+           'MaskClassifier', 'pad_masks', 'train_classifier', 'predict', 'evaluate', 'full_size_clip',
+           'vit_tower_formula', 'tower_counts', 'eval_scenes', 'run_arm', 'run_experiment', 'CoarseMasks',
+           'run_controls', 'mask_token_attention', 'plot_mask_attention', 'per_seed', 'experiment_claims',
+           'cost_claims', 'headline_summary']
 
 # %% ../nbs/33_smart.ipynb #1e81d94f
 THING_COLORS = ("red", "green", "blue", "yellow")  # indices 0..3 of paperlab.data.PALETTE
@@ -839,6 +842,36 @@ def run_experiment(clip: open_clip.CLIP, gen: MaskGenerator, seeds: Sequence[int
         if path is not None: atomic_write(path, json.dumps(rows, indent=1))
     return rows, clfs
 
+# %% ../nbs/33_smart.ipynb #637bc700
+class CoarseMasks(nn.Module):
+    "A mask generator whose mask logits are averaged over a `cells`×`cells` grid and resized back: masks made the bottleneck by construction."
+    def __init__(self, gen: MaskGenerator, cells: int = 4):
+        super().__init__()
+        if cells < 1: raise ValueError(f"cells must be a positive grid size, got {cells}")
+        self.gen, self.cells = gen, cells
+
+    def forward(self, images: Tensor, tokens: Tensor, text: Tensor) -> dict:
+        "As `MaskGenerator.forward`, with pred_masks (B, Q, H, W) coarsened to the grid (block means, bilinear back)."
+        out = dict(self.gen(images, tokens, text))
+        m = out["pred_masks"]
+        out["pred_masks"] = F.interpolate(F.adaptive_avg_pool2d(m, self.cells), size=m.shape[-2:], mode="bilinear", align_corners=False)
+        return out
+
+
+CONTROL_ARMS = ("sma/0-steps", "fcclip/coarse-masks")
+
+
+def run_controls(clip: open_clip.CLIP, gen: MaskGenerator, seeds: Sequence[int], n_test: int, cells: int = 4) -> list[dict]:
+    "Rows like `run_experiment`'s on its seeds and source scenes: SMART's classifier at 0 steps, and the FC-CLIP arm's oracle study on `CoarseMasks(gen, cells)`."
+    rows = []
+    for seed in seeds:
+        tests = {"source": eval_scenes(n_test, seed)["source"]}
+        res, _ = run_arm(clip, gen, [], tests, "sma", "qpt", 0, seed)  # run_arm seeds W_t's init as for the trained arm
+        rows.append({"arm": CONTROL_ARMS[0], "seed": seed, **res})
+        res, _ = run_arm(clip, CoarseMasks(gen, cells), [], tests, "pool", "frozen", 0, seed, oracles=True)
+        rows.append({"arm": CONTROL_ARMS[1], "seed": seed, **res})
+    return rows
+
 # %% ../nbs/33_smart.ipynb #533f6c0f
 @torch.no_grad()
 def mask_token_attention(clf: MaskClassifier, clip: open_clip.CLIP, scene: dict, index: int) -> Tensor:
@@ -862,3 +895,112 @@ def plot_mask_attention(before: MaskClassifier, after: MaskClassifier, clip: ope
     for ax in axs: ax.set_xlabel("x (patches / px)"); ax.set_ylabel("y")
     fig.suptitle("Where a mask token looks (last block)"); fig.tight_layout()
     return fig
+
+# %% ../nbs/33_smart.ipynb #217dad18
+PQ_RANGE = (-100.0, 100.0)  # a difference of two PQs (or mIoUs) in percent
+RECONSTRUCTED = "abstract [reconstruction of the setting]"
+SMART_PARTS = ("sma-helps", "qpt-beats-frozen")  # the parts the abstract credits, as claim ids
+SHARED = "the shared mask-token classifier"
+
+
+def per_seed(rows: Sequence[dict], arm: str, col: str) -> list[float]:
+    "Metric `col` of `arm` in `rows` (of `run_experiment` or `run_controls`), in seed order."
+    sel = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
+    if not sel: raise ValueError(f"no rows for arm {arm!r}: the rows hold {sorted({r['arm'] for r in rows})}")
+    missing = [r["seed"] for r in sel if col not in r]
+    if missing: raise ValueError(f"arm {arm!r} has no metric {col!r} (seeds {missing})")
+    return [float(r[col]) for r in sel]
+
+
+def _ablation(without: str) -> str:
+    "Why a paired ablation of QPT needs no other control."
+    return f"an ablation: the same SMA classifier {without}, same seeds and batches, is its own null (untrained, the two arms are one model)"
+
+
+def experiment_claims(ledger: Ledger, rows: Sequence[dict], controls: Sequence[dict]) -> None:
+    "Add the experiment's paired claims, each with its control, to `ledger`: `rows` from `run_experiment`, `controls` from `run_controls`, same seeds."
+    seeds, ctrl_seeds = sorted({r["seed"] for r in rows}), sorted({r["seed"] for r in controls})
+    if seeds != ctrl_seeds: raise ValueError(f"controls ran on seeds {ctrl_seeds} but the experiment on {seeds}: they must be the same")
+    x = lambda arm, col="source:PQ": per_seed(rows, arm, col)
+    gain = lambda rs, arm, oracle: [o - p for o, p in zip(per_seed(rs, arm, f"source:PQ_oracle_{oracle}"), per_seed(rs, arm, "source:PQ"))]
+    coarse = CONTROL_ARMS[1]
+    ledger.paired("bottleneck-classification", "Mask classification, not mask generation, is the bottleneck (PQ gain of oracle "
+                  "classification minus gain of oracle masks, FC-CLIP arm)", None, "PQ", gain(rows, "fcclip", "classification"),
+                  gain(rows, "fcclip", "masks"), names=("oracle-cls gain", "oracle-mask gain"), bounds=PQ_RANGE, source=RECONSTRUCTED,
+                  control=paired_control("coarse masks (4×4 grid), same classifier and scenes", gain(controls, coarse, "classification"),
+                                         gain(controls, coarse, "masks"), PQ_RANGE))
+    for metric, reported, headline in (("PQ", 1.3, True), ("mIoU", 5.4, False)):
+        col = f"source:{metric}"
+        ledger.paired(f"smart-vs-fcclip-{metric.lower()}", f"SMART (semantic-guided attention + QPT) beats the FC-CLIP classifier: {metric}",
+                      reported, metric, x("sma/qpt", col), x("fcclip", col), names=("sma/qpt", "fcclip"), bounds=PQ_RANGE,
+                      control=paired_control("SMART without both parts (token/frozen) vs fcclip", x("token/frozen", col), x("fcclip", col), PQ_RANGE),
+                      source=RECONSTRUCTED, note=f"reported: +{reported} {metric} over the previous best (MAFT+) on real benchmarks; here the direction against the toy FC-CLIP",
+                      **(dict(headline=True, parts=SMART_PARTS, shared=SHARED) if headline else {}))
+    ledger.paired("sma-helps", "Semantic-guided Mask Attention improves on plain mask tokens (both with QPT): PQ", None, "PQ",
+                  x("sma/qpt"), x("token/qpt"), names=("sma/qpt", "token/qpt"), bounds=PQ_RANGE, source=RECONSTRUCTED,
+                  control=paired_control("both arms untrained (sma/0-steps vs token/frozen)", per_seed(controls, CONTROL_ARMS[0], "source:PQ"),
+                                         x("token/frozen"), PQ_RANGE))
+    ledger.paired("qpt-beats-frozen", "Query Projection Tuning beats a frozen VLM (both with SMA): PQ", None, "PQ",
+                  x("sma/qpt"), x("sma/frozen"), names=("sma/qpt", "sma/frozen"), bounds=PQ_RANGE, source=RECONSTRUCTED,
+                  no_control_because=_ablation("with the VLM frozen"))
+    frozen_unseen = float(np.mean(x("sma/frozen", "source:PQ_unseen")))
+    ledger.paired("qpt-keeps-unseen", "QPT preserves the VLM's knowledge better than full fine-tuning: PQ on unseen classes", None, "PQ",
+                  x("sma/qpt", "source:PQ_unseen"), x("sma/full", "source:PQ_unseen"), names=("sma/qpt", "sma/full"), bounds=PQ_RANGE,
+                  source=RECONSTRUCTED, no_control_because=_ablation("with the whole image tower tuned"),
+                  note=f"the frozen VLM (sma/frozen) scores {frozen_unseen:.2f} PQ on unseen classes")
+    ledger.paired("qpt-new-domain", "QPT beats the frozen VLM on the shifted-background domain: PQ", None, "PQ",
+                  x("sma/qpt", "shifted:PQ"), x("sma/frozen", "shifted:PQ"), names=("sma/qpt", "sma/frozen"), bounds=PQ_RANGE,
+                  source=RECONSTRUCTED, no_control_because=_ablation("with the VLM frozen"))
+
+
+def cost_claims(ledger: Ledger, sizes: dict[str, dict], speed: SpeedComparison) -> None:
+    "Add QPT's share of ViT-B/16's image tower (`tower_counts` by model name) against the book's 10 % threshold, and the step-time ratio full / QPT."
+    if "ViT-B-16" not in sizes: raise ValueError(f"sizes must hold tower_counts of 'ViT-B-16', got {sorted(sizes)}")
+    vb16 = sizes["ViT-B-16"]
+    note = f"{vb16['query_proj']:,} of {vb16['image']:,} image-tower parameters"
+    if "ViT-L-14" in sizes: note += f"; ViT-L/14: {100 * sizes['ViT-L-14']['qpt_share']:.2f}%"
+    ledger.claim("qpt-few-params", "Query Projection Tuning trains a small part of the VLM (ViT-B/16: query projections / image tower)",
+                 None, "%", 100 * vb16["qpt_share"], below(10.0), evidence="deterministic", note=note,
+                 book_threshold="under 10 % of the image tower (the abstract says only 'minimal training resources')",
+                 source="abstract ('minimal training resources') [reconstruction]")
+    ledger.speed("efficiency:qpt-vs-full-step", "QPT trains cheaper than full fine-tuning (step time, full / QPT)", 10.0, speed,
+                 source="abstract: ~10x lower training cost than the previous best (MAFT+)", note="per-step cost of the same classifier",
+                 differs="the paper's 10× is SMART's whole training cost against MAFT+'s (another method, schedule and GPUs); "
+                         "this is one training step of the same classifier, full fine-tuning against QPT")
+
+
+def _signed(c: Claim) -> str:
+    "A claim's measurement and interval, signed: '+3.20 [+0.40, +6.10] PQ'."
+    iv = f" [{c.interval[0]:+.2f}, {c.interval[1]:+.2f}]" if c.interval else ""
+    return f"{c.measured:+.2f}{iv} {c.unit}"
+
+
+def _to_decide(c: Claim) -> str:
+    "What would decide an inconclusive paired claim, from its seeds_to_decide."
+    if c.verdict != "inconclusive": return ""
+    if c.seeds_to_decide: return f" (≈{c.seeds_to_decide} seeds would decide it)"
+    return " (no number of seeds: its mean difference is zero)" if c.measured == 0 else " (more than 10,000 seeds)"
+
+
+def headline_summary(ledger: Ledger, n_seeds: int) -> str:
+    "The headline in a paragraph, from the ledger's verdicts: its control, which part carries the gain, and what would decide it."
+    h = ledger.headline()
+    if h is None or not h.parts: raise ValueError("the ledger needs a headline claim with its parts")
+    parts = [ledger[p] for p in h.parts]
+    if ledger.mode == "quick":
+        return (f"Quick mode, a smoke run: the headline `{h.id}` and its parts ({', '.join(f'`{p.id}`' for p in parts)}) read "
+                f"`{h.verdict}`; a full-mode run decides them.")
+    text = f"**Headline** `{h.id}` over {n_seeds} seeds: {_signed(h)}, **{h.verdict}**"
+    if h.control is not None:
+        lo, hi = h.control.interval or (h.control.measured, h.control.measured)
+        text += f"; its control, {h.control.what}: {h.control.measured:+.2f} [{lo:+.2f}, {hi:+.2f}] {h.unit}"
+    text += "; the control passes the same test." if h.verdict == "vacuous" else (f" ({h.why})." if h.why else ".")
+    text += " Its parts: " + "; ".join(f"`{p.id}` {_signed(p)}, {p.verdict}{_to_decide(p)}" for p in parts) + "."
+    carried = ledger.carried_by(h.id)
+    if carried: text += f" The gain is {carried}."
+    elif not any(p.passes for p in parts):
+        text += f" No part passes its own ablation, so the ledger credits no gain to SMART's parts: it belongs to {h.shared}, which every SMART arm has."
+    if h.verdict == "inconclusive": text += f" The headline itself: {_to_decide(h).strip(' ()')}."
+    if h.verdict == "vacuous":
+        text += " More seeds cannot change a vacuous verdict: crediting SMART needs a part that passes its own ablation."
+    return text
