@@ -51,12 +51,15 @@ book: install
 
 # the kernel "python3" of JupyterLab is this environment's Python: registered inside the venv (--sys-prefix) with its
 # absolute path, so it holds whichever jupyter finds it; ROOT=1 adds --allow-root (needed when running as root)
+# lab/overrides.json: JupyterLab's settings for the book (no news popup, the kernel started without asking)
 kernel: install
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (paperlab)" >/dev/null
+	@mkdir -p $(VENV)/share/jupyter/lab/settings && cp lab/overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 
 LAB_ARGS ?=
 lab: kernel
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter lab --ServerApp.root_dir=nbs $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter lab --ServerApp.root_dir=nbs --ServerApp.default_url=/lab/tree/index.ipynb \
+	  $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # every chapter in quick mode into $(QUICK), then nbval reruns them, then the site and the browser tests. Chapters run
 # on one thread each, $(JOBS) at a time (each is its own `paperlab reproduce`), the index last (it reads their ledgers).

@@ -26,10 +26,10 @@ from nbformat import NotebookNode
 from .core import atomic_write, repo_root, results_dir
 
 # %% auto #0
-__all__ = ['EFFICIENCY_INTRO', 'README_HEADER', 'chapter_name', 'readable_results', 'chapter_folder', 'executed_path',
-           'saved_ledgers', 'split_directives', 'page_cell', 'default_exp', 'api_objects', 'source_line', 'api_entry',
-           'api_reference_cell', 'write_source_pages', 'stage_notebook', 'list_notebooks', 'stage_site',
-           'recover_folder', 'swap_folder', 'build_docs', 'readme_markdown', 'write_readme', 'main']
+__all__ = ['HEADLINE_INTRO', 'EFFICIENCY_INTRO', 'README_HEADER', 'chapter_name', 'readable_results', 'chapter_folder',
+           'executed_path', 'saved_ledgers', 'split_directives', 'page_cell', 'default_exp', 'api_objects',
+           'source_line', 'api_entry', 'api_reference_cell', 'write_source_pages', 'stage_notebook', 'list_notebooks',
+           'stage_site', 'recover_folder', 'swap_folder', 'build_docs', 'readme_markdown', 'write_readme', 'main']
 
 # %% ../nbs/05_docs.ipynb #b89ae347
 def chapter_name(nb: str | os.PathLike) -> str:
@@ -255,6 +255,9 @@ html_context = {{"default_mode": "light"}}  # the theme's mode switch otherwise 
 '''
 
 
+HEADLINE_INTRO = ("Each chapter's headline claim (the abstract's main statement, as the chapter tests it): the measured value "
+                  "with its interval, the control that must fail the same test, the verdict, and what would decide an "
+                  "undecided claim. A quick run is a smoke run: its experiments give no verdict.")
 EFFICIENCY_INTRO = ("Every efficiency claim of the book in one table: the measured speed-up (median of interleaved repeats in "
                     "one process, with its 95% interval), the ratio that the arithmetic (FLOPs or bytes) predicts, and "
                     "their quotient, how much of the predicted saving survives on this machine. The thread count and CPU "
@@ -301,10 +304,11 @@ def stage_site(dest: str | os.PathLike, nbs: str | os.PathLike | None = None,
                                        + _toctree(chapters + ["efficiency"], hidden=False), encoding="utf-8")
     for name, nb in staged.items(): nbformat.write(nb, dest / f"{name}.ipynb")
     write_source_pages(dest / "_static" / "source")
-    from paperlab.ledger import efficiency_markdown
+    from paperlab.ledger import efficiency_markdown, headline_markdown
     ledgers = saved_ledgers(results)
-    (dest / "efficiency.md").write_text("# Efficiency across the book\n\n" + EFFICIENCY_INTRO + "\n\n"
-                                        + efficiency_markdown(ledgers), encoding="utf-8")
+    (dest / "efficiency.md").write_text("# Efficiency across the book\n\n## The headline claims\n\n" + HEADLINE_INTRO + "\n\n"
+                                        + headline_markdown(ledgers) + "\n## Every efficiency claim\n\n" + EFFICIENCY_INTRO
+                                        + "\n\n" + efficiency_markdown(ledgers), encoding="utf-8")
     for img in nbs.rglob("*"):
         rel = img.relative_to(nbs)
         if img.suffix.lower() in _IMAGE_SUFFIXES and not any(part.startswith((".", "_")) for part in rel.parts):
@@ -422,13 +426,16 @@ def _output_markdown(output: NotebookNode) -> str | None:
     return None
 
 
+_NB_LINK = re.compile(r"\]\(([\w-]+\.ipynb)\)")   # a Markdown link to a sibling notebook
+
+
 def readme_markdown(nb: str | os.PathLike | NotebookNode) -> str:
     "README markdown of a notebook: markdown cells, and the outputs of the code cells that nbdev shows."
     if not isinstance(nb, NotebookNode): nb = nbformat.read(nb, as_version=4)
     parts = [README_HEADER]
     for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            parts.append(cell.source.strip())
+        if cell.cell_type == "markdown":   # links between notebooks point into nbs/ from the repository root
+            parts.append(_NB_LINK.sub(r"](nbs/\1)", cell.source.strip()))
         elif cell.cell_type == "code":
             directives = split_directives(cell.source)[0]
             if _hidden(directives) or directives.get("output") == "false": continue

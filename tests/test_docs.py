@@ -146,3 +146,29 @@ def test_readme_cli(tmp_path):
     assert text.startswith(docs.README_HEADER + "\n\n# Toy book\n")
     assert "| speed-up | 2.1 | 1.87 |" in text
     assert "def square" not in text and "<Figure" not in text and "<Ledger>" not in text
+
+
+def test_readme_and_lab_index_link_every_chapter():
+    "The index's chapter table links every notebook (in JupyterLab and the docs), and the README's links point into nbs/."
+    import re
+    from paperlab.cli import chapters
+    from paperlab.docs import readme_markdown
+    root = Path(__file__).resolve().parent.parent
+    index = (root / "nbs" / "index.ipynb").read_text()
+    readme = readme_markdown(root / "nbs" / "index.ipynb")
+    for path in chapters(root / "nbs").values():
+        if path.stem == "index": continue
+        assert f"({path.name})" in index, f"index.ipynb does not link {path.name}"
+        assert f"](nbs/{path.name})" in readme, f"README does not link nbs/{path.name}"
+    assert not re.search(r"\]\((?!nbs/)[\w-]+\.ipynb\)", readme)
+
+
+def test_make_lab_settings_silence_the_news_and_start_the_kernel():
+    "`make lab` installs lab/overrides.json: no news popup, the preferred kernel started without a dialog, index.ipynb opened."
+    import json
+    root = Path(__file__).resolve().parent.parent
+    o = json.loads((root / "lab" / "overrides.json").read_text())
+    assert o["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
+    assert o["@jupyterlab/notebook-extension:tracker"]["autoStartDefaultKernel"] is True
+    make = (root / "Makefile").read_text()
+    assert "lab/overrides.json" in make and "default_url=/lab/tree/index.ipynb" in make
