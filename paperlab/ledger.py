@@ -484,10 +484,13 @@ class Ledger:
     def carried_by(self, id: str) -> str:
         "Which named part carries a claim's gain, from the parts' own verdicts; or the shared component when none does."
         c = self.claims[id]
-        if not c.parts or not c.passes: return ""
+        if not c.parts or not (c.passes or c.verdict == "vacuous"): return ""
         missing = [p for p in c.parts if p not in self.claims]
         if missing: raise ValueError(f"claim {id!r} credits parts {missing} that the ledger does not hold")
         carriers = [p for p in c.parts if self.claims[p].passes]
+        if c.verdict == "vacuous":   # the control gains as well: say whether any named part shows a gain of its own
+            return ("the parts " + " and ".join(carriers) + " pass their own tests" if carriers
+                    else f"the control gains as much; no named part ({' or '.join(c.parts)}) passes its own test")
         if carriers: return "carried by " + " and ".join(carriers)
         return f"carried by {c.shared or 'a component every arm shares'}, not {' or '.join(c.parts)}"
 
