@@ -228,3 +228,117 @@ def test_matmul_rate_is_positive_and_refuses_bad_sizes():
     for bad in (dict(size=0), dict(batch=0), dict(repeats=0)):
         with pytest.raises(ValueError, match="must be positive"):
             matmul_rate(**bad)
+
+
+# --- issue 22: controlled claims, the headline and its parts ------------------------------------------------------------
+
+ARMS = ("softmax", "linear", "inline (no local)", "inline + local")
+
+
+def experiment_rows(trained: dict, untrained: dict | None = None, seeds: list[int] | None = None) -> list[dict]:
+    "Rows as the chapter's experiment writes them (accuracy, confusion and locality alike), shuffled: helpers must pair by seed."
+    import random
+    n = len(next(iter(trained.values())))
+    seeds = seeds or list(range(n))
+    untrained = untrained or {v: [10.0] * n for v in trained}
+    rows = [{"variant": v, "seed": s, "state": state, "accuracy": x, "confusion": x / 100, "locality": x / 100}
+            for state, table in (("trained", trained), ("untrained", untrained)) for v, vals in table.items()
+            for s, x in zip(seeds, vals)]
+    random.Random(0).shuffle(rows)
+    return rows
+
+
+def test_per_seed_pairs_by_seed_and_refuses_bad_input():
+    from paperlab.inline import per_seed
+    rows = experiment_rows({"linear": [30.0, 40.0, 50.0]}, seeds=[7, 3, 5])
+    assert per_seed(rows, "linear") == ([3, 5, 7], [40.0, 50.0, 30.0])
+    assert per_seed(rows, "linear", state="untrained") == ([3, 5, 7], [10.0, 10.0, 10.0])
+    with pytest.raises(ValueError, match="no trained rows for variant 'softmax'"):
+        per_seed(rows, "softmax")
+    with pytest.raises(ValueError, match="state must be one of"):
+        per_seed(rows, "linear", state="half-trained")
+
+
+@pytest.mark.parametrize("mode", ["full", "quick"])
+def test_controlled_claim_is_vacuous_when_the_untrained_arms_pass_too(mode, monkeypatch):
+    # the control is the same difference on the same seeds untrained: if it shows the gain too, the claim says nothing
+    from paperlab.inline import controlled_paired
+    from paperlab.ledger import SMOKE, Ledger
+    monkeypatch.setenv("PAPERLAB_REQUIRE_CONTROLS", "1")
+    a, b = [60.0, 62.0, 58.0, 61.0, 59.0], [50.0, 51.0, 49.0, 52.0, 48.0]     # a − b: 10 ± 1.6, t-interval [8.0, 12.0]
+    fair = experiment_rows({"inline + local": a, "linear": b})
+    leaky = experiment_rows({"inline + local": a, "linear": b},
+                            {"inline + local": [20.0, 21.0, 19.0, 22.0, 20.0], "linear": [10.0, 11.0, 9.0, 10.0, 10.0]})
+    led = Ledger("t", mode=mode)
+    ok = controlled_paired(led, fair, "ok", "x", None, "pp", "inline + local", "linear")
+    vac = controlled_paired(led, leaky, "vac", "x", None, "pp", "inline + local", "linear")
+    assert ok.control.measured == 0.0 and ok.bounds == (-100.0, 100.0)
+    assert abs(vac.control.measured - 10.4) < 1e-12 and vac.control.interval[0] > 0
+    assert abs(ok.measured - 10.0) < 1e-12
+    if mode == "full":
+        assert (ok.verdict, vac.verdict) == ("direction reproduced", "vacuous")
+    else:
+        assert ok.verdict == vac.verdict == SMOKE
+
+
+def test_controlled_claim_needs_both_arms_to_have_learnt_and_the_same_seeds():
+    from paperlab.inline import controlled_paired
+    from paperlab.ledger import Ledger
+    led = Ledger("t", mode="full")
+    stuck = experiment_rows({"inline + local": [60.0, 62.0, 58.0, 61.0], "linear": [50.0, 10.0, 49.0, 52.0]})
+    c = controlled_paired(led, stuck, "stuck", "x", None, "pp", "inline + local", "linear")
+    assert c.verdict == "inconclusive" and "learnt the data" in c.why and "10.0%" in c.why
+    other_seeds = experiment_rows({"inline + local": [60.0, 62.0]}, seeds=[0, 1]) + \
+        experiment_rows({"linear": [50.0, 51.0]}, seeds=[0, 2])
+    with pytest.raises(ValueError, match="same seeds"):
+        controlled_paired(led, other_seeds, "seeds", "x", None, "pp", "inline + local", "linear")
+
+
+def test_accuracy_claims_credit_the_part_that_carries_the_gain(monkeypatch):
+    # injectivity carries a 20 pp gain, the local term none: the headline (InLine + local vs linear) is credited to it
+    from paperlab.inline import ACCURACY_CLAIMS, record_accuracy_claims
+    from paperlab.ledger import Ledger
+    monkeypatch.setenv("PAPERLAB_REQUIRE_CONTROLS", "1")
+    linear = [40.0, 45.0, 38.0, 50.0, 42.0, 47.0]
+    no_local = [x + 20 + d for x, d in zip(linear, [1.0, -1.0, 2.0, -2.0, 0.5, -0.5])]
+    local = [x + d for x, d in zip(no_local, [3.0, -4.0, 2.0, -3.0, 4.0, -1.0])]        # mean 1/6 pp: no clear gain
+    rows = experiment_rows({"softmax": [55.0] * 6, "linear": linear, "inline (no local)": no_local, "inline + local": local})
+    led = Ledger("t", mode="full")
+    claims = record_accuracy_claims(led, rows, cost_ratio=1.1)
+    assert [c.id for c in claims] == list(ACCURACY_CLAIMS)
+    assert [c.id for c in led.claims.values() if c.headline] == ["inline-local-beats-linear"]
+    assert all(c.control is not None and c.bounds == (-100.0, 100.0) for c in claims)
+    assert led["inline-beats-linear"].verdict == "direction reproduced"
+    assert led["local-matters"].verdict == "inconclusive" and led["local-matters"].seeds_to_decide > 6
+    assert led["inline-local-beats-linear"].verdict == "direction reproduced"
+    assert led.carried_by("inline-local-beats-linear") == "carried by inline-beats-linear"
+    assert "1.100× the multiply-adds" in led["inline-local-beats-linear"].note
+    # the same gain carried by the local term instead
+    mixing_only = [x + d for x, d in zip(linear, [3.0, -4.0, 2.0, -3.0, 4.0, -1.0])]       # no clear gain
+    with_local = [x + 20 + d for x, d in zip(mixing_only, [1.0, -1.0, 2.0, -2.0, 0.5, -0.5])]
+    rows = experiment_rows({"softmax": [55.0] * 6, "linear": linear, "inline (no local)": mixing_only,
+                            "inline + local": with_local})
+    led = Ledger("t", mode="full")
+    record_accuracy_claims(led, rows, cost_ratio=1.1)
+    assert led.carried_by("inline-local-beats-linear") == "carried by local-matters"
+    with pytest.raises(ValueError, match="cost_ratio must be a positive number"):
+        record_accuracy_claims(Ledger("t", mode="full"), rows, cost_ratio=0.0)
+
+
+def test_fit_seeds_trains_the_tiny_vits_as_fit_does():
+    # the chapter trains its seeds batched (vmap over seeds, grouped convolutions of the local term inside): each seed
+    # must end with the weights that fit gives it seed by seed
+    from paperlab.core import deterministic, seed_everything
+    from paperlab.data import digits
+    from paperlab.train import fit, fit_seeds
+    deterministic(threads=1)
+    train = torch.utils.data.Subset(digits(12, "train", seed=0), range(48))
+    for mixing, local in (("inline", True), ("linear", False), ("softmax", False)):
+        make = lambda seed: tiny_vit(mixing, local, depth=1, img_size=12)
+        batched = fit_seeds(make, [0, 5], train, epochs=1, lr=2e-3, batch_size=16)
+        for seed, model in zip(batched.seeds, batched.models):
+            seed_everything(seed)
+            ref = make(seed)
+            fit(ref, train, epochs=1, lr=2e-3, batch_size=16, seed=seed, progress=False)
+            for name, p in ref.state_dict().items():
+                torch.testing.assert_close(model.state_dict()[name], p, atol=2e-5, rtol=1e-4, msg=f"{mixing} seed {seed}: {name}")
