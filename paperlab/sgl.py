@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,18 +15,20 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from .core import count_flops
-from .vlm import (QABatch, TinyVLM, Vocab, answer_strings, attention_map, drop_visual_tokens, generate,
+from .core import count_flops, seed_everything
+from .ledger import wilson_interval
+from .vlm import (VLM_SIZES, QABatch, TinyVLM, Vocab, answer_strings, attention_map, drop_visual_tokens, generate,
                           reduce_visual_tokens,
                           confidence as vlm_confidence,
                           last_token_attention)
 
 # %% auto #0
-__all__ = ['RANKINGS', 'TOME', 'METHODS', 'INTERNVL2', 'MODEL_CARD_PARAMS', 'RETENTIONS', 'keep_count', 'top_visual', 'Answers',
-           'answer', 'aggregated_scores', 'fastv_scores', 'random_scores', 'bipartite_match', 'merge_wavg',
-           'tome_reduce', 'layer_keys', 'merge_visual_tokens', 'recall_at', 'topk_overlap', 'rank_correlation',
-           'consistency', 'fuse', 'exit_curve', 'random_routing', 'curve_area', 'InternVL2Config', 'build_internvl2',
-           'prefill_flops', 'prefill_flops_formula', 'run_pair']
+__all__ = ['RANKINGS', 'TOME', 'METHODS', 'INTERNVL2', 'MODEL_CARD_PARAMS', 'RETENTIONS', 'ABLATIONS', 'UNTRAINED_GUIDE',
+           'keep_count', 'top_visual', 'Answers', 'answer', 'aggregated_scores', 'fastv_scores', 'random_scores',
+           'bipartite_match', 'merge_wavg', 'tome_reduce', 'layer_keys', 'merge_visual_tokens', 'recall_at',
+           'topk_overlap', 'rank_correlation', 'consistency', 'fuse', 'exit_curve', 'random_routing', 'curve_area',
+           'exit_auc', 'InternVL2Config', 'build_internvl2', 'prefill_flops', 'prefill_flops_formula', 'run_pair',
+           'untrained_vlm', 'ablated_scores', 'run_controls', 'answer_prior', 'has_learnt', 'official_layer_reason']
 
 # %% ../nbs/31_sgl.ipynb #sgl0keep1
 def keep_count(n_vis: int, retention: float, at_least_one: bool = False) -> int:
@@ -232,6 +236,17 @@ def curve_area(shares, accs) -> float:
     order = np.argsort(shares)
     return float(np.trapezoid(np.asarray(accs)[order], np.asarray(shares)[order]))
 
+
+def exit_auc(decision: Tensor, small_ok: Tensor, large_ok: Tensor, points: int = 11) -> tuple[float, float]:
+    "Areas under accuracy vs large-share (N,) → (routing by `decision`, random routing at the same shares); thresholds at `points` quantiles of `decision` and one above its max (everything routed)."
+    if not len(decision) == len(small_ok) == len(large_ok):
+        raise ValueError(f"decision, small_ok and large_ok need one entry per question, got {len(decision)}, {len(small_ok)}, {len(large_ok)}")
+    th = torch.quantile(decision.float(), torch.linspace(0, 1, points)).tolist() + [float(decision.max()) + 1]
+    curve = exit_curve(decision, small_ok, large_ok, th)
+    shares = [r["large_share"] for r in curve]
+    return (curve_area(shares, [r["accuracy"] for r in curve]),
+            curve_area(shares, [random_routing(s, small_ok, large_ok) for s in shares]))
+
 # %% ../nbs/31_sgl.ipynb #8047f248
 @dataclass(frozen=True)
 class InternVL2Config:
@@ -319,7 +334,7 @@ RETENTIONS = (0.64, 0.35, 0.09)
 @torch.no_grad()
 def run_pair(small: TinyVLM, large: TinyVLM, data: QABatch, vocab: Vocab, retentions=RETENTIONS, seed: int = 0,
              layer: int | None = None, consistency_ratio: float = 0.05, at_least_one: bool = False) -> dict:
-    "Everything the chapter measures for one (small, large) pair on `data`: scores of each ranking, accuracies at each retention (and ToMe's), recalls, overlaps, exit scores; token counts by `keep_count(·, at_least_one)`."
+    "Everything the chapter measures for one (small, large) pair on `data`: both models' answers, scores of each ranking, accuracies at each retention (and ToMe's), recalls, overlaps, exit scores; token counts by `keep_count(·, at_least_one)`."
     layer = large.cfg.prune_layer if layer is None else layer
     if not 0 <= layer < large.cfg.num_layers:
         raise ValueError(f"pruning layer {layer!r} is beyond the large model's depth {large.cfg.num_layers}")
@@ -341,7 +356,82 @@ def run_pair(small: TinyVLM, large: TinyVLM, data: QABatch, vocab: Vocab, retent
                           answer(large, data, vocab, torch.zeros(len(data), 0, dtype=torch.long), layer)).correct
     conf = vlm_confidence(small_ans.max_prob, small_ans.n_gen)
     cons = consistency(small, data, small_ans, scores[RANKINGS[0]], consistency_ratio, at_least_one=at_least_one)
-    return {"scores": scores, "small": small_ans.correct, "large": large_ans.correct, "acc": acc, "recall": recall,
+    return {"scores": scores, "answers": {"small": small_ans, "large": large_ans}, "small": small_ans.correct,
+            "large": large_ans.correct, "acc": acc, "recall": recall,
             "confidence": conf, "consistency": cons, "layer": layer,
             "overlap": {r: topk_overlap(scores[RANKINGS[0]], scores[RANKINGS[1]], r, at_least_one) for r in retentions},
             "rank_corr": rank_correlation(scores[RANKINGS[0]], scores[RANKINGS[1]])}
+
+# %% ../nbs/31_sgl.ipynb #3d8e01f9
+ABLATIONS = ("SGL, one layer", "SGL, prompt rows only")  # SGL's map with the layer sum / the answer's rows removed
+UNTRAINED_GUIDE = "SGL, untrained small model"            # SGL's map from the small model before training
+
+
+def untrained_vlm(size: str, seed: int) -> TinyVLM:
+    "The control model: `VLM_SIZES[size]` with the weights `train_vlm` starts seed `seed` from (zero steps), in eval mode."
+    if size not in VLM_SIZES: raise ValueError(f"unknown size {size!r}: expected one of {list(VLM_SIZES)}")
+    seed_everything(seed)  # as train_vlm does before building the model
+    return TinyVLM(VLM_SIZES[size]).eval()
+
+
+@torch.no_grad()
+def ablated_scores(model: TinyVLM, data: QABatch, ans: Answers, part: str, layer: int = 0, batch_size: int = 200) -> Tensor:
+    "SGL's map (N, n_vis) with one part removed: `part='layers'` sums decoder `layer` alone instead of every layer; `part='answer'` sums the prompt rows alone (no generated-answer rows)."
+    if part not in ("layers", "answer"): raise ValueError(f"part must be 'layers' or 'answer', got {part!r}")
+    if part == "layers" and not (isinstance(layer, int) and 0 <= layer < model.cfg.num_layers):
+        raise ValueError(f"layer {layer!r} is beyond the model's depth: expected 0..{model.cfg.num_layers - 1}")
+    out = []
+    for sl in _batches(len(data), batch_size):
+        text, length, n_gen = ans.text[sl], ans.length[sl], ans.n_gen[sl]
+        if part == "layers": out.append(attention_map(model, data.images[sl], text, length, n_gen, layers=[layer]))
+        else: out.append(attention_map(model, data.images[sl], text, length - n_gen))  # the prompt alone: the prefill's rows
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def run_controls(small: TinyVLM, large: TinyVLM, small0: TinyVLM, large0: TinyVLM, data: QABatch, vocab: Vocab, res: dict,
+                 retention: float = 0.09, seed: int = 0, at_least_one: bool = False) -> dict:
+    "For one seed's `run_pair` result `res` (same data, same layer): the trained large model's accuracy at `retention` under SGL's map with a part removed (`ABLATIONS`) and under the untrained small model `small0`'s map; that map's top-k overlap with the trained large map; the untrained large model `large0`'s own rankings (recall) and its correctness unpruned and with the same random tokens; every arm's `Answers` under `answers`."
+    layer, fast_layer = res["layer"], max(res["layer"] - 1, 0)
+    small0_ans = answer(small0, data, vocab)
+    scores = {ABLATIONS[0]: ablated_scores(small, data, res["answers"]["small"], "layers", min(fast_layer, small.cfg.num_layers - 1)),
+              ABLATIONS[1]: ablated_scores(small, data, res["answers"]["small"], "answer"),
+              UNTRAINED_GUIDE: aggregated_scores(small0, data, small0_ans)}
+    pruned = {name: answer(large, data, vocab, top_visual(s, retention, at_least_one), layer) for name, s in scores.items()}
+    large0_ans = answer(large0, data, vocab)
+    own = {RANKINGS[1]: aggregated_scores(large0, data, large0_ans), RANKINGS[2]: fastv_scores(large0, data, fast_layer)}
+    rnd = top_visual(random_scores(len(data), large0.cfg.n_vis, seed), retention, at_least_one)  # run_pair's random ranking
+    random0 = answer(large0, data, vocab, rnd, layer)
+    return {"scores": scores, "answers": {**pruned, "untrained large": large0_ans, "untrained large, random": random0},
+            "acc": {(name, retention): a.correct for name, a in pruned.items()},
+            "overlap": topk_overlap(scores[UNTRAINED_GUIDE], res["scores"][RANKINGS[1]], retention, at_least_one),
+            "recall": {name: recall_at(s, data.relevant, retention, at_least_one) for name, s in own.items()},
+            "large": large0_ans.correct, "random": random0.correct}
+
+
+def answer_prior(data: QABatch, vocab: Vocab) -> float:
+    "Accuracy of the best constant answer on `data`: the share of its most frequent true answer (a model that ignores the board reaches it)."
+    truth = [vocab.decode(a) for a in data.answer_ids()]
+    if not truth: raise ValueError("answer_prior needs at least one question")
+    return max(Counter(truth).values()) / len(truth)
+
+
+def has_learnt(correct: Tensor, prior: float, confidence: float = 0.95) -> bool:
+    "Whether per-question correctness (N,) bool lies above `prior` beyond doubt: the lower end of its Wilson interval exceeds it."
+    if correct.ndim != 1 or len(correct) == 0: raise ValueError(f"correct must be a non-empty (N,) tensor, got shape {tuple(correct.shape)}")
+    return wilson_interval(int(correct.sum()), len(correct), confidence)[0] > prior
+
+
+def official_layer_reason(k_official: int, k_run: int, learnt: bool, large_acc: float, prior: float, unchanged: float,
+                          share: float) -> str:
+    "Why the official layer's claim goes untested, from the run's numbers: the large model has not learnt (nothing can be said of where it reads the board), or what a random 9 % does at that layer (`unchanged`: share of answers whose correctness it leaves; `share`: of the score kept)."
+    if not learnt:
+        return (f"the book's large model has not learnt the task in this run (unpruned accuracy {large_acc:.3f}; the best "
+                f"constant answer scores {prior:.3f}), so where it reads the board cannot be told")
+    kept = f"keeps {share:.1%} of its score" if math.isfinite(share) else "keeps an undefined share of its score (it scores 0 unpruned)"
+    head = (f"at the official layer int(0.4 L) = {k_official} of the book's large model a random 9 % of its visual tokens "
+            f"{kept} and leaves {unchanged:.1%} of its answers' correctness unchanged")
+    if unchanged == 1.0:
+        return head + (": the toy has moved what it reads from the board into the text tokens before that layer, so no "
+                       "ranking can change an answer there")
+    return head + f"; the rankings are compared at layer {k_run}, the deepest where a random 9 % costs the first seed's model accuracy"

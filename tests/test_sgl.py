@@ -1,13 +1,19 @@
-"""SGL chapter: official aggregation and pruning (golden), the official kept count (zero allowed, golden), ToMe against the official code (golden) and by hand, 100 % retention is exact, planted tokens recovered, consistency by hand, full-size counts, bad inputs."""
+"""SGL chapter: official aggregation and pruning (golden), the official kept count (zero allowed, golden), ToMe against the official code (golden) and by hand, 100 % retention is exact, planted tokens recovered, consistency by hand, full-size counts, bad inputs; the controls (untrained models = training's start, the same measurement as the arm), SGL's ablated maps by hand, the exit-score null, the floor and the official layer's computed reason."""
+import itertools
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from paperlab.core import repo_root
-from paperlab.sgl import (INTERNVL2, METHODS, RANKINGS, answer, bipartite_match, build_internvl2, consistency, fuse,
-                          keep_count, layer_keys, merge_visual_tokens, merge_wavg, prefill_flops, prefill_flops_formula,
-                          recall_at, run_pair, tome_reduce, top_visual, topk_overlap)
-from paperlab.vlm import VLM_SIZES, TinyVLM, Vocab, aggregate_attention, drop_visual_tokens, make_qa, sequence_keep_index
+from paperlab.sgl import (ABLATIONS, INTERNVL2, METHODS, RANKINGS, UNTRAINED_GUIDE, ablated_scores, aggregated_scores, answer,
+                          answer_prior, bipartite_match, build_internvl2, consistency, exit_auc, fuse, has_learnt, keep_count,
+                          layer_keys, merge_visual_tokens, merge_wavg, official_layer_reason, prefill_flops,
+                          prefill_flops_formula, random_routing, recall_at, run_controls, run_pair, tome_reduce, top_visual,
+                          topk_overlap, untrained_vlm)
+from paperlab.vlm import (VLM_SIZES, TinyVLM, Vocab, aggregate_attention, drop_visual_tokens, make_qa, sequence_keep_index,
+                          train_vlm)
 
 GOLD = repo_root() / "data/sgl/golden/official_aggregation_pruning.npz"
 GOLD_ZERO = repo_root() / "data/sgl/golden/official_pruning_zero_kept.npz"
@@ -188,3 +194,90 @@ def test_tome_in_the_language_model_matches_a_manual_merge(pair):
             h = layer(h, attention_mask=m4, position_embeddings=cos_sin, position_ids=P)
         ref = large.lm.lm_head(lm.norm(h))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_untrained_control_is_where_training_starts():
+    # the control model is the trained model at step 0: one AdamW step at lr 1e-12 moves no weight by more than ~1e-12
+    d = make_qa(8, seed=2)
+    one_step = train_vlm(VLM_SIZES["small"], d, 1, seed=3, lr=1e-12, cache=False, progress=False).state_dict()
+    start, other = untrained_vlm("small", 3).state_dict(), untrained_vlm("small", 4).state_dict()
+    assert one_step.keys() == start.keys()
+    assert max(float((one_step[k] - start[k]).abs().max()) for k in start) < 1e-9
+    assert max(float((other[k] - start[k]).abs().max()) for k in start) > 1e-2   # another seed starts elsewhere
+    with pytest.raises(ValueError, match="unknown size"): untrained_vlm("medium", 0)
+
+
+def test_ablated_maps_by_hand(pair):
+    small, _ = pair
+    v, d = Vocab(), make_qa(5, seed=9)
+    ans = answer(small, d, v, max_new_tokens=3)
+    full = aggregated_scores(small, d, ans)
+    n_vis, L = small.cfg.n_vis, small.cfg.num_layers
+    # prompt rows alone, by hand: a forward pass on the question only, rows from the last visual token to the last prompt token
+    with torch.no_grad():
+        mask = (torch.arange(d.text.shape[1]) < d.q_len[:, None]).long()
+        att = small(d.images, d.questions(), attention_mask=mask, output_attentions=True).attentions
+    ref = torch.stack([sum(att[l][i, :, n_vis:n_vis + 1 + int(d.q_len[i]), 1:1 + n_vis].sum((0, 1)) for l in range(L))
+                       for i in range(len(d))])
+    torch.testing.assert_close(ablated_scores(small, d, ans, "answer"), ref, rtol=1e-5, atol=1e-6)
+    # one layer at a time: the layers' maps add up to SGL's map, and no single layer is it
+    per_layer = [ablated_scores(small, d, ans, "layers", l) for l in range(L)]
+    torch.testing.assert_close(sum(per_layer), full, rtol=1e-5, atol=1e-5)
+    assert all((p - full).abs().max() > 1e-3 for p in per_layer)
+    with pytest.raises(ValueError, match="part must be"): ablated_scores(small, d, ans, "heads")
+    with pytest.raises(ValueError, match="beyond the model's depth"): ablated_scores(small, d, ans, "layers", L)
+
+
+def test_controls_are_the_same_measurement(pair):
+    # run with the trained models in place of the untrained ones, each control must equal the arm it controls
+    small, large = pair
+    v, d = Vocab(), make_qa(6, seed=11)
+    res = run_pair(small, large, d, v, retentions=(0.09,), seed=5, layer=1)
+    c = run_controls(small, large, small, large, d, v, res, seed=5)
+    assert torch.equal(c["acc"][(UNTRAINED_GUIDE, 0.09)], res["acc"][(RANKINGS[0], 0.09)])
+    assert torch.equal(c["overlap"], res["overlap"][0.09])
+    for name in (RANKINGS[1], RANKINGS[2]): assert torch.equal(c["recall"][name], res["recall"][(name, 0.09)])
+    assert torch.equal(c["large"], res["large"]) and torch.equal(c["random"], res["acc"][(RANKINGS[3], 0.09)])
+    # correctness is all False for untrained models: the answers' probabilities show the same tokens at the same layer
+    same_arm = {UNTRAINED_GUIDE: RANKINGS[0], "untrained large, random": RANKINGS[3]}
+    for arm, ranking in same_arm.items():
+        ref = answer(large, d, v, top_visual(res["scores"][ranking], 0.09), 1)
+        assert torch.equal(c["answers"][arm].max_prob, ref.max_prob), arm
+    assert torch.equal(c["answers"]["untrained large"].max_prob, res["answers"]["large"].max_prob)
+    assert set(c["acc"]) == {(n, 0.09) for n in (*ABLATIONS, UNTRAINED_GUIDE)}
+
+
+def test_exit_auc_by_hand_and_its_null():
+    ok_s, ok_l = torch.tensor([True, False, True, False]), torch.tensor([True, True, False, True])
+    dec = torch.tensor([1.01, 0.02, 1.03, 0.04])  # the small model's wrong answers score lowest: they are routed first
+    see, rnd = exit_auc(dec, ok_s, ok_l)
+    assert math.isclose(see, 0.25 * ((0.5 + 0.75) / 2 + (0.75 + 1) / 2 + 1 + (1 + 0.75) / 2), abs_tol=1e-12)
+    assert math.isclose(rnd, (random_routing(0, ok_s, ok_l) + random_routing(1, ok_s, ok_l)) / 2, abs_tol=1e-12)
+    # the shuffled-score control: over every permutation the score's area averages to random routing's, exactly
+    perms = [exit_auc(dec[list(p)], ok_s, ok_l)[0] for p in itertools.permutations(range(4))]
+    assert math.isclose(float(np.mean(perms)), rnd, abs_tol=1e-12) and max(perms) == see
+    with pytest.raises(ValueError, match="one entry per question"): exit_auc(dec[:3], ok_s, ok_l)
+
+
+def test_floor_and_the_official_layers_reason():
+    # Wilson lower end by hand (z = 1.959964): 12/20 → 0.3866, 9/20 → 0.2582
+    z = 1.959963984540054
+    def lower(k, n):
+        p = k / n
+        return (p + z * z / (2 * n) - z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    assert abs(lower(12, 20) - 0.3866) < 1e-4 and abs(lower(9, 20) - 0.2582) < 1e-4
+    assert has_learnt(torch.arange(20) < 12, 0.38) and not has_learnt(torch.arange(20) < 12, 0.39)
+    assert not has_learnt(torch.zeros(20, dtype=torch.bool), 0.0)   # a model right on nothing has learnt nothing
+    with pytest.raises(ValueError, match="non-empty"): has_learnt(torch.zeros(0, dtype=torch.bool), 0.1)
+    # the best constant answer: three copies of one question and one with another answer → 3/4
+    v, d = Vocab(), make_qa(12, seed=1)
+    ans = [v.decode(a) for a in d.answer_ids()]
+    j = next(k for k in range(1, 12) if ans[k] != ans[0])
+    assert answer_prior(d[[0, 0, 0, j]], v) == 0.75 and answer_prior(d[[0, 0]], v) == 1.0
+    # quick mode's case: a large model right on nothing gets no story about the text tokens, and no 'nan'
+    why = official_layer_reason(2, 2, False, 0.0, 0.271, 1.0, float("nan"))
+    assert "not learnt" in why and "0.271" in why and "text tokens" not in why and "nan" not in why
+    assert "text tokens" in official_layer_reason(2, 0, True, 0.9, 0.25, 1.0, 1.0)
+    why = official_layer_reason(2, 0, True, 0.9, 0.25, 0.97, 0.95)
+    assert "97.0%" in why and "no ranking" not in why and "layer 0" in why
+    assert "nan" not in official_layer_reason(2, 0, True, 0.9, 0.25, 1.0, float("nan"))
