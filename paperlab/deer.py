@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM
 
+from .ledger import wilson_interval
+
 # %% auto #0
 __all__ = ['COLORS', 'RGB', 'SHAPES', 'GLYPHS', 'DIRECTIONS', 'WORDS', 'OBS_DIM', 'FIRST_REFERENCES', 'VARIANTS',
            'FLAMINGO_SIZES', 'TaskConfig', 'instruction', 'ChainEnv', 'Vocab', 'PolicyConfig', 'first_reference',
@@ -23,7 +25,7 @@ __all__ = ['COLORS', 'RGB', 'SHAPES', 'GLYPHS', 'DIRECTIONS', 'WORDS', 'OBS_DIM'
            'make_windows', 'action_loss', 'window_features', 'heads_loss', 'policy_loss', 'train_policy', 'rms_delta',
            'dynamic_step', 'rollout', 'exit_profile', 'solve_thresholds', 'simulate_exits', 'expected_cost',
            'thresholds_for_budget', 'exit_statistics', 'refine_online', 'truncate', 'FlamingoLLMConfig',
-           'GatedCrossAttention', 'FlamingoLLM', 'calvin_text_tokens']
+           'GatedCrossAttention', 'FlamingoLLM', 'calvin_text_tokens', 'reduction_at', 'learnt_task']
 
 # %% ../nbs/32_deer.ipynb #deer006
 COLORS = ("red", "green", "blue", "yellow")
@@ -462,10 +464,12 @@ def _rows(state, rows):
 
 
 @torch.no_grad()
-def dynamic_step(policy: MultiExitPolicy, obs: Tensor, ids: Tensor, mask: Tensor, state, thresholds, max_exit: int | None = None):
+def dynamic_step(policy: MultiExitPolicy, obs: Tensor, ids: Tensor, mask: Tensor, state, thresholds, max_exit: int | None = None,
+                 forced: Tensor | None = None):
     """One control step of DeeR for a batch of scenes: run the blocks in order; at exit k the shared head turns the
     pooled features into an arm action a_k; leave when rms(a_k − a_{k−1}) <= thresholds[k] (a_0 from the block before
     the first exit) or when k is `max_exit`, the deepest exit the peak budget allows. Blocks beyond it never run.
+    `forced` (B,) replaces the rule by a given exit per scene (ours: the random-exit control; thresholds unused).
     Returns arm (B, A), gripper probability (B,), exit index (B,) and the LSTM state of the exits taken."""
     E = len(policy.exits)
     K = E - 1 if max_exit is None else max_exit
@@ -473,6 +477,9 @@ def dynamic_step(policy: MultiExitPolicy, obs: Tensor, ids: Tensor, mask: Tensor
     th = np.asarray(thresholds, dtype=np.float64)
     if th.shape[0] < K + 1: raise ValueError(f"need a threshold for each of the {K + 1} allowed exits, got {th.shape[0]}")
     B = obs.shape[0]
+    if forced is not None and not (isinstance(forced, Tensor) and forced.shape == (B,) and not forced.is_floating_point()
+                                   and int(forced.min()) >= 0 and int(forced.max()) <= K):
+        raise ValueError(f"forced must be an integer tensor of shape ({B},) with exits in [0, {K}], got {forced!r}")
     if state is None: state = tuple(torch.zeros(policy.cfg.lstm_layers, B, policy.cfg.lstm_hidden) for _ in range(2))
     new_state = tuple(s.clone() for s in state)
     arm, grip, ex = torch.zeros(B, policy.cfg.arm_dim), torch.zeros(B), torch.full((B,), -1, dtype=torch.long)
@@ -485,7 +492,7 @@ def dynamic_step(policy: MultiExitPolicy, obs: Tensor, ids: Tensor, mask: Tensor
         if j != policy.exits[k]: continue
         a, g, st = policy.head(policy.pool(h, ctx["keep"][rows])[:, None], _rows(state, rows))
         a, g = a[:, 0], g[:, 0]
-        leave = (rms_delta(a, prev) <= float(th[k])) | (k == K)
+        leave = ((rms_delta(a, prev) <= float(th[k])) if forced is None else (forced[rows] == k)) | (k == K)
         r = rows[leave]
         arm[r], grip[r], ex[r] = a[leave], torch.sigmoid(g[leave]), k
         for s_new, s in zip(new_state, st): s_new[:, r] = s[:, leave]
@@ -496,14 +503,23 @@ def dynamic_step(policy: MultiExitPolicy, obs: Tensor, ids: Tensor, mask: Tensor
 
 @torch.no_grad()
 def rollout(policy: MultiExitPolicy, task: TaskConfig, chains: int, seed: int, thresholds, max_exit: int | None = None,
-            record: int | None = None) -> dict:
-    "Run `chains` instruction chains under dynamic inference: average successful length, the exit of every step, LLM layers per step."
+            record: int | None = None, exit_probs=None, exit_seed: int = 0) -> dict:
+    """Run `chains` instruction chains under dynamic inference: average successful length, the exit of every step, LLM layers per step.
+    `exit_probs` (K,), one share per allowed exit, replaces the exit rule by exits drawn at random from those shares
+    (seeded by `exit_seed`): the same network at the same expected depth, without the criterion."""
     env = ChainEnv(task, batch=chains, seed=seed)
+    if exit_probs is not None:
+        K = len(policy.exits) if max_exit is None else max_exit + 1
+        p = np.asarray(exit_probs, dtype=np.float64)
+        if p.shape != (K,) or not np.isfinite(p).all() or (p < 0).any() or abs(p.sum() - 1) > 1e-6:
+            raise ValueError(f"exit_probs must be {K} non-negative shares summing to 1 (one per allowed exit), got {exit_probs!r}")
+        rng = np.random.default_rng(exit_seed)
     obs, state, exits, trace = env.observe(), None, [], []
     while not env.done.all():
         live = torch.from_numpy(~env.done)
         ids, mask = policy.tokenize(obs["instruction"])
-        arm, grip, ex, state = dynamic_step(policy, obs["tokens"], ids, mask, state, thresholds, max_exit)
+        forced = None if exit_probs is None else torch.from_numpy(rng.choice(len(p), size=chains, p=p / p.sum()))
+        arm, grip, ex, state = dynamic_step(policy, obs["tokens"], ids, mask, state, thresholds, max_exit, forced)
         exits.append(ex[live].numpy())
         if record is not None and live[record]:
             trace.append(dict(image=env.render(record), exit=int(ex[record]), instruction=obs["instruction"][record],
@@ -703,3 +719,29 @@ class FlamingoLLM(nn.Module):
 def calvin_text_tokens(instruction: str) -> int:
     "Tokens of the official prompt `<image>{instruction}<|endofchunk|><eos>`, counting one token per word (an estimate; MPT's GPT-NeoX tokenizer is not available offline)."
     return len(instruction.split()) + 3
+
+# %% ../nbs/32_deer.ipynb #deer030a
+def reduction_at(points, target: float, full: float, min_cost: float, floor: float = -math.inf) -> float:
+    """Compute reduction at a target success: `full` / the average cost at which a success-against-cost curve, points
+    (n, 2) of (cost, success), first reaches `target` (linear between the point before it and the first point at or
+    above it; the cheapest point counts at its own cost), the cost floored at `min_cost`. 1 when the curve never
+    reaches the target, or when the target is not above `floor` (the untrained policy's success): a baseline that has
+    learnt nothing offers no reduction."""
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0 or not np.isfinite(pts).all():
+        raise ValueError(f"points must be a finite (n, 2) array of (cost, success) with n >= 1, got shape {pts.shape}")
+    if not 0 < min_cost <= full: raise ValueError(f"need 0 < min_cost <= full, got min_cost={min_cost!r}, full={full!r}")
+    if not target > floor: return 1.0
+    prev = None
+    for c1, l1 in sorted(map(tuple, pts)):
+        if l1 >= target:
+            cost = c1 if prev is None else prev[0] + (target - prev[1]) / (l1 - prev[1]) * (c1 - prev[0])
+            return full / max(cost, min_cost)
+        prev = (c1, l1)
+    return 1.0
+
+
+def learnt_task(k: int, n: int, k0: int, n0: int) -> bool:
+    """The quality floor: a policy that completes its first instruction in k of n test chains has learnt the task when
+    its Wilson 95% interval lies wholly above that of an untrained policy (k0 of n0)."""
+    return wilson_interval(k, n)[0] > wilson_interval(k0, n0)[1]

@@ -1,4 +1,4 @@
-"Tests of the DeeR-VLA chapter (paperlab.deer): the exit rule, the budget solver against the official outputs (float32 thresholds), the first exit's reference, caps, replay."
+"Tests of the DeeR-VLA chapter (paperlab.deer): the exit rule, the budget solver against the official outputs (float32 thresholds), the first exit's reference, caps, replay, and the controls (random exits, the compute reduction's floor, the quality floor)."
 import json
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 
 from paperlab.core import count_params, repo_root
 from paperlab.deer import (ChainEnv, FlamingoLLM, FlamingoLLMConfig, MultiExitPolicy, PolicyConfig, TaskConfig, Vocab,
-                           dynamic_step, exit_blocks, exit_profile, exit_statistics, first_reference, heads_loss, rms_delta,
-                           rollout, simulate_exits, solve_thresholds, thresholds_for_budget, truncate)
+                           dynamic_step, exit_blocks, exit_profile, exit_statistics, first_reference, heads_loss, learnt_task,
+                           reduction_at, rms_delta, rollout, simulate_exits, solve_thresholds, thresholds_for_budget, truncate)
 
 GOLDEN = repo_root() / "data" / "deer" / "golden"
 
@@ -186,3 +186,75 @@ def test_full_size_counts_on_meta():
         m = FlamingoLLM(FlamingoLLMConfig(), layers=12)
     assert len(m.mpt.blocks) == 12
     assert count_params(m.mpt.blocks[0]) == 12 * 2048 ** 2 + 2 * 2048   # MPT-1B block: 12 d^2 weights + 2 LayerNorm weights
+
+
+def test_forced_exits_give_each_scene_its_own_exits_action(policy, batch):
+    # the random-exit control: scene b leaves at exit forced[b]; reference from transformers' own forward, every block hooked
+    tokens, ids, mask, state = batch
+    forced = torch.tensor([0, 1, 2, 3, 1, 0])
+    arm, _, ex, _ = dynamic_step(policy, tokens, ids, mask, state, np.zeros(4), forced=forced)
+    with torch.no_grad():
+        ctx, outs = policy.embed(tokens, ids, mask), {}
+        hooks = [layer.register_forward_hook(lambda m, a, out, j=j: outs.update({j: out[0] if isinstance(out, tuple) else out}))
+                 for j, layer in enumerate(policy.layers)]
+        policy.lm.model(inputs_embeds=ctx["h"], attention_mask=ctx["keep"].long())
+        for h in hooks: h.remove()
+        ref = torch.stack([policy.head(MultiExitPolicy.pool(outs[policy.exits[k]], ctx["keep"])[b:b + 1, None],
+                                       tuple(s[:, b:b + 1] for s in state))[0][0, 0] for b, k in enumerate(forced.tolist())])
+    assert ex.tolist() == forced.tolist()
+    torch.testing.assert_close(arm, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="forced must be"):
+        dynamic_step(policy, tokens, ids, mask, state, np.zeros(4), max_exit=1, forced=forced)     # exit 3 beyond the cap
+    with pytest.raises(ValueError, match="forced must be"):
+        dynamic_step(policy, tokens, ids, mask, state, np.zeros(4), forced=forced.float())
+
+
+def test_random_exit_rollout_draws_its_shares(policy):
+    for j in range(4):   # all the share on exit j: every step runs exactly exits[j] + 1 blocks
+        r = rollout(policy, TaskConfig(), 3, 2, np.zeros(4), exit_probs=np.eye(4)[j])
+        assert set(r["exits"].tolist()) == {j} and r["avg_layers"] == policy.exits[j] + 1
+    a = rollout(policy, TaskConfig(), 8, 2, np.zeros(4), exit_probs=[0.5, 0, 0, 0.5], exit_seed=3)
+    b = rollout(policy, TaskConfig(), 8, 2, np.zeros(4), exit_probs=[0.5, 0, 0, 0.5], exit_seed=3)
+    np.testing.assert_array_equal(a["exits"], b["exits"])                  # seeded: replays exactly
+    n = len(a["exits"])
+    assert set(a["exits"].tolist()) <= {0, 3} and abs((a["exits"] == 3).mean() - 0.5) < 4 * 0.5 / np.sqrt(n)   # binomial, 4 sd
+    for bad in ([0.5, 0.5, 0.5, 0.0], [0.5, 0.5], [1.5, -0.5, 0, 0]):
+        with pytest.raises(ValueError, match="exit_probs must be"):
+            rollout(policy, TaskConfig(), 2, 0, np.zeros(4), exit_probs=bad)
+
+
+def test_reduction_at_hand_worked_and_untrained_gets_none():
+    pts = [(3.2, 1.0), (2.5, 0.5), (4.4, 1.6), (6.1, 1.7)]
+    assert reduction_at(pts, 0.8, 8.0, 2.0) == pytest.approx(8.0 / (2.5 + 0.6 * 0.7))    # between 2.5 and 3.2 layers
+    assert reduction_at(pts, 1.65, 8.0, 2.0) == pytest.approx(8.0 / (4.4 + 0.5 * 1.7))   # between 4.4 and 6.1 layers
+    assert reduction_at(pts, 0.2, 8.0, 2.0) == pytest.approx(8.0 / 2.5)                  # the cheapest point already
+    assert reduction_at([(1.5, 0.9)], 0.5, 8.0, 2.0) == pytest.approx(4.0)               # cost floored at the first exit's
+    assert reduction_at(pts, 1.8, 8.0, 2.0) == 1.0                                       # never reached
+    # two untrained policies: every success 0. Without the floor the curve "reaches" the baseline at its cheapest point;
+    # with the untrained policy's success as the floor there is no reduction
+    dead = [(2.3, 0.0), (3.0, 0.0), (4.1, 0.0)]
+    assert reduction_at(dead, 0.0, 8.0, 2.0) == pytest.approx(8.0 / 2.3)
+    assert reduction_at(dead, 0.0, 8.0, 2.0, floor=0.0) == 1.0
+    assert reduction_at(pts, 0.8, 8.0, 2.0, floor=0.79) > 1.0                            # a baseline above the floor counts
+    with pytest.raises(ValueError, match="points must be"):
+        reduction_at([1.0, 2.0], 0.5, 8.0, 2.0)
+    with pytest.raises(ValueError, match="min_cost"):
+        reduction_at(pts, 0.5, 8.0, 0.0)
+
+
+def _wilson(k, n, z=1.959963984540054):
+    "The Wilson score interval written out (Wilson 1927), independent of paperlab.ledger."
+    p = k / n
+    c, h = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return c - h, c + h
+
+
+def test_quality_floor_is_wilson_intervals_apart():
+    n, k0 = 80, 2
+    upper0 = _wilson(k0, n)[1]
+    k_min = next(k for k in range(n + 1) if _wilson(k, n)[0] > upper0)   # the fewest first instructions that clear the floor
+    assert 8 <= k_min <= 20
+    assert learnt_task(k_min, n, k0, n) and not learnt_task(k_min - 1, n, k0, n)
+    assert not learnt_task(k0 + 1, n, k0, n)       # more than the untrained policy, but not outside its interval
+    with pytest.raises(ValueError, match="wilson_interval"):
+        learnt_task(90, 80, 0, 80)
