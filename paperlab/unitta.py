@@ -30,7 +30,7 @@ __all__ = ['CORRELATIONS', 'IMBALANCES', 'PAPER_FACTORS', 'CORRUPTIONS', 'FILTER
            'BDN2d', 'cofa', 'softmax_twice_threshold', 'UniTTA', 'tta_augment', 'soft_entropy', 'TribeBBN',
            'knn_affinity', 'lame_assign', 'LAME', 'IABN2d', 'PBRS', 'NOTE', 'CSTU', 'RoTTABN2d', 'RoTTA', 'CoTTA',
            'soft_likelihood_ratio', 'prior_correction', 'ROID', 'cat_avg_accuracy', 'official_cat_avg_accuracy',
-           'run_stream', 'run_benchmark', 'paper_numbers']
+           'run_stream', 'shuffled_stream', 'run_benchmark', 'paper_numbers']
 
 # %% ../nbs/20_unitta.ipynb #56d2c6a1
 CORRELATIONS = {"i": "i.i.d.", "n": "non-i.i.d.", "1": "continual"}
@@ -541,6 +541,7 @@ class UniTTA(Source):
         self.last: dict[int, Tensor | None] = {1: None, 2: None, 3: None}
         self.predicted_domains: list[Tensor] = []
         self.forward2_share: list[float] = []   # per batch: the share of samples whose output comes from forward 2
+        self.forward2_answers: list[int] = []   # per batch: how many samples' output comes from forward 2
 
     def _set(self, labels, domains, update) -> None:
         "Set the control attributes of every BDN layer."
@@ -579,7 +580,7 @@ class UniTTA(Source):
         # max softmax(p2) <= e / (e + K - 1); "single" compares the probabilities themselves
         s2 = p2.softmax(1) if (self.use_cofa and self.filter_rule == "official") else p2
         keep2 = s2.max(1).values >= p3.max(1).values
-        self.forward2_share.append(float(keep2.float().mean()))
+        self.forward2_share.append(float(keep2.float().mean())); self.forward2_answers.append(int(keep2.sum()))
         return torch.where(keep2[:, None], s2, p3)
 
 
@@ -961,6 +962,14 @@ def run_stream(method, ds: TensorDataset, stream: Stream, batch_size: int = 32) 
 
 
 
+def shuffled_stream(stream: Stream, seed: int = 0) -> Stream:
+    "The samples of `stream` (N,) in a seeded random order: the same samples and labels, no temporal correlation (a control)."
+    if not isinstance(stream, Stream): raise TypeError(f"stream must be a Stream, got {type(stream).__name__}")
+    perm = np.random.default_rng(seed).permutation(len(stream))
+    return Stream(stream.indices[perm], stream.domains[perm], stream.classes[perm], stream.scenario, dict(stream.compatible),
+                  stream.quota, stream.counts)
+
+
 def run_benchmark(methods: dict, model: nn.Module, ds: TensorDataset, codes: Sequence[str], seeds: Sequence[int],
                   max_state_samples: int, batch_size: int = 64) -> tuple[list[dict], dict]:
     "Every method (name -> factory of the model) on the stream of every scenario code and seed: rows and the streams."
@@ -975,10 +984,11 @@ def run_benchmark(methods: dict, model: nn.Module, ds: TensorDataset, codes: Seq
                 seed_everything(seed)   # the methods' own randomness (augmentations, memories, restores)
                 method = make(model)
                 r = run_stream(method, ds, st, batch_size)
-                share = getattr(method, "forward2_share", None)
+                share, answers = getattr(method, "forward2_share", None), getattr(method, "forward2_answers", None)
                 rows.append(dict(scenario=code, seed=seed, method=name, acc=r["acc"], cat_acc=r["cat_acc"],
                                  cat_acc_present=r["cat_acc_present"], n=len(st),
-                                 forward2_share=float(np.mean(share)) if share else None))
+                                 forward2_share=float(np.mean(share)) if share else None,
+                                 forward2_answers=int(np.sum(answers)) if answers else None))
     return rows, streams
 
 # %% ../nbs/20_unitta.ipynb #ecec7324

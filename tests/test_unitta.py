@@ -8,7 +8,7 @@ from paperlab.core import repo_root
 from paperlab.unitta import (BDN2d, CORRUPTIONS, SmallCNN, Source, BNAdapt, UniTTA, balanced_stats, cat_avg_accuracy, cofa,
                              official_cat_avg_accuracy, softmax_twice_threshold, TribeBBN, LAME, NOTE, RoTTA, CoTTA, ROID,
                              IABN2d, PBRS, CSTU, knn_affinity, lame_assign, prior_correction, soft_likelihood_ratio,
-                             run_benchmark, tta_augment,
+                             run_benchmark, shuffled_stream, tta_augment,
                              compatible, correlation_factors, corrupt, joint_transition_matrix, load_corruptions,
                              marginals, paper_numbers, ratio_list, run_stream, sample_stream, scenario,
                              self_transition_rates, stationary_distribution, transition_matrix, unitta_scenarios,
@@ -480,3 +480,52 @@ def test_benchmark_repeats_bit_for_bit():
     a, _ = run_benchmark(methods, model, ds, ["n1i1", "iuiu"], [0, 1], 4, batch_size=5)
     b, _ = run_benchmark(methods, model, ds, ["n1i1", "iuiu"], [0, 1], 4, batch_size=5)
     assert [(r["acc"], r["cat_acc"]) for r in a] == [(r["acc"], r["cat_acc"]) for r in b]
+
+
+def test_shuffled_stream_keeps_the_samples_and_breaks_the_runs():
+    # the control of the correlated-class claims: the same samples (and labels), no temporal correlation
+    d, k = labels(15, 10, 20)
+    st = sample_stream(d, k, scenario("n1n1", 15, 10), 60, seed=1)
+    sh = shuffled_stream(st, seed=3)
+    assert sorted(sh.indices.tolist()) == sorted(st.indices.tolist()) and len(sh) == len(st)
+    np.testing.assert_array_equal(d[sh.indices], sh.domains); np.testing.assert_array_equal(k[sh.indices], sh.classes)
+    stay = lambda c: float(np.mean(c[1:] == c[:-1]))
+    m = marginals(st.classes, 10)
+    assert stay(st.classes) > 0.8                                   # non-i.i.d. classes: c = 0.95 on the diagonal
+    assert abs(stay(sh.classes) - float((m ** 2).sum())) < 0.05     # shuffled: the i.i.d. value, sum of squared marginals
+    np.testing.assert_array_equal(shuffled_stream(st, seed=3).indices, sh.indices)   # seeded
+    with pytest.raises(TypeError, match="stream must be a Stream"):
+        shuffled_stream(st.indices)
+
+
+def test_source_is_order_free_and_unitta_without_its_parts_is_the_source():
+    # the headline's control is the source model = UniTTA with BDN and COFA removed; the shuffled-stream control
+    # relies on the source model's metric not depending on the order of the stream
+    model, ds, dd, kk = _tiny_setup()
+    x = ds.tensors[0][:7]
+    torch.testing.assert_close(UniTTA(model, 4, bdn=False, use_cofa=False)(x), Source(model)(x), rtol=0, atol=1e-6)
+    st = sample_stream(dd, kk, scenario("n1i1", int(dd.max()) + 1, 4), 4, seed=0)
+    a, b = run_stream(Source(model), ds, st, 5), run_stream(Source(model), ds, shuffled_stream(st, 1), 5)
+    assert a["cat_acc"] == pytest.approx(b["cat_acc"], abs=1e-12)
+
+
+def test_forward2_answers_are_counted():
+    # the forward2-share claim pools counts of samples; they must agree with the per-batch shares
+    model, ds, dd, kk = _tiny_setup()
+    u = UniTTA(model, 4, eta=0.1, filter_rule="single")
+    sizes = [5, 5, 3]
+    for s, n in zip(np.cumsum([0] + sizes[:-1]), sizes): u(ds.tensors[0][s:s + n])
+    assert u.forward2_answers == [round(f * n) for f, n in zip(u.forward2_share, sizes)]
+    rows, _ = run_benchmark({"UniTTA": lambda m: UniTTA(m, 4, eta=0.1, filter_rule="single")}, model, ds, ["n1i1"], [0], 4, batch_size=5)
+    r = rows[0]
+    assert 0 <= r["forward2_answers"] <= r["n"] and sum(u.forward2_answers) > 0
+
+
+def test_one_timing_repeat_gives_no_verdict():
+    # issue 22: efficiency:cofa flipped under load; a single repeat must never decide a direction
+    from paperlab.core import compare_speed
+    from paperlab.ledger import Ledger, above
+    f = lambda: sum(range(100))
+    g = lambda: sum(range(10))
+    one = Ledger("unitta", mode="full").speed("t", "g is faster", None, compare_speed(f, g, repeats=1, warmup=0), above(1 / 1.5))
+    assert one.verdict == "inconclusive"
