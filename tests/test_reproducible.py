@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from paperlab.cli import chapters, run_chapter
-from paperlab.ledger import Ledger
+from paperlab.ledger import SMOKE, Ledger, check_ledgers
 
 CHAPTERS = [c for c in os.environ.get("PAPERLAB_REPRO_CHAPTERS", "unitta").split(",") if c]
 
@@ -39,3 +39,10 @@ def test_two_quick_runs_write_identical_measurements(chapter, tmp_path):
     differ = {k: (a[k], b[k]) for k in a if not _same(a[k], b[k])}
     assert not differ, f"{chapter}: measurements that changed between two quick runs: {differ}"
     assert first.meta["machine"]["threads"] == second.meta["machine"]["threads"]
+    # issue 22: a quick run is a smoke run. No experiment or timing of its claims.json carries a finding, the chapter
+    # marks one headline, and the ledger its executed notebook displayed matches claims.json (`ledger --check`)
+    findings = {c.id: c.verdict for c in second.claims.values() if c.evidence != "deterministic" and c.verdict != SMOKE}
+    assert not findings, f"{chapter}: a quick run gave findings: {findings}"
+    assert second.mode == "quick" and all(c.mode == "quick" for c in second.claims.values())
+    assert second.headline() is not None, f"{chapter}: no headline claim"
+    assert check_ledgers(tmp_path) == []
