@@ -26,8 +26,8 @@ __all__ = ['OFFICIAL_RECIPES', 'OBJECTIVES', 'UPDATES', 'gumbel_sigmoid_gate', '
            'dydit_from', 'BlockGates', 'DyDiTBlock', 'block_costs', 'flops_ratio', 'flops_loss', 'DyDiT',
            'narrow_weights', 'sliced_block_forward', 'router_flops', 'lam_schedule', 'official_recipe', 'scaled_recipe',
            'split_timesteps', 'ddpm_scheduler', 'noised_batch', 'ddpm_loss', 'sampling_timesteps', 'ddpm_sample',
-           'sample', 'dydit_sample', 'update_ema', 'finetune_dydit', 'paper_numbers', 'model_cost', 'sample_with_gates',
-           'width_curves', 'sdt_keep_map', 'plot_sdt_maps']
+           'sample', 'dydit_sample', 'update_ema', 'finetune_dydit', 'paper_numbers', 'model_cost', 'fixed_width_dydit',
+           'random_cut', 'sample_with_gates', 'width_curves', 'sdt_keep_map', 'plot_sdt_maps']
 
 # %% ../nbs/12_dydit.ipynb #1f999012
 def gumbel_sigmoid_gate(logits: Tensor, tau: float = 5.0, training: bool = True,
@@ -44,13 +44,15 @@ def gumbel_sigmoid_gate(logits: Tensor, tau: float = 5.0, training: bool = True,
 # %% ../nbs/12_dydit.ipynb #331ab51e
 @dataclass(frozen=True)
 class DyDiTConfig(DiTConfig):
-    "A DiT config plus DyDiT's FLOPs target `lam` (λ), gate temperature `tau`, token-router bottleneck, router biases and where the MLP-group mask sits."
+    "A DiT config plus DyDiT's FLOPs target `lam` (λ), gate temperature `tau`, token-router bottleneck, router biases, where the MLP-group mask sits, and which parts are on (`tdw`, `sdt`)."
     lam: float = 0.5
     tau: float = 5.0
     token_hidden_ratio: int = 16
     router_bias: float = 15.0
     token_bias: float = 35.0
     mask_before_act: bool = True     # official: the group mask multiplies fc1's output before the GELU
+    tdw: bool = True                 # timestep-wise dynamic width (False: every head and group on: Table 3's "SDT only")
+    sdt: bool = True                 # spatial-wise dynamic token (False: every token keeps its MLP: Table 3's "TDW only")
 
     def __post_init__(self):
         check_lam(self.lam)
@@ -64,6 +66,11 @@ class DyDiTConfig(DiTConfig):
             raise ValueError(f"the token router needs hidden_size >= token_hidden_ratio, got {self.hidden_size} < {self.token_hidden_ratio}")
         if not self.tau > 0:
             raise ValueError(f"the gate temperature tau must be > 0, got {self.tau}")
+        for name in ("tdw", "sdt", "mask_before_act"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (self.tdw or self.sdt):
+            raise ValueError("a DyDiT needs tdw=True or sdt=True: with both off no gate can close and the FLOPs target cannot be met")
 
     @property
     def mlp_hidden(self) -> int:
@@ -109,11 +116,13 @@ def _xavier(m: nn.Module) -> None:
 class DyDiTBlock(DiTBlock):
     "A DiT block with timestep routers for heads and MLP groups and a token router before the MLP: (B, N, C), (B, C) -> (B, N, C)."
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, token_hidden_ratio: int = 16,
-                 router_bias: float = 15.0, token_bias: float = 35.0, tau: float = 5.0, mask_before_act: bool = True):
+                 router_bias: float = 15.0, token_bias: float = 35.0, tau: float = 5.0, mask_before_act: bool = True,
+                 tdw: bool = True, sdt: bool = True):
         super().__init__(dim, num_heads, mlp_ratio)
         self.num_heads, self.head_dim, self.tau = self.attn.num_heads, self.attn.head_dim, tau   # checked by QKVAttention
         self.group_size = self.mlp.fc1.out_features // num_heads
         self.mask_before_act = mask_before_act
+        self.tdw, self.sdt = tdw, sdt       # a part switched off keeps its router (same weights layout) but never asks it
         self.head_router = nn.Linear(dim, num_heads - 1)
         self.group_router = nn.Linear(dim, num_heads - 1)
         self.token_router = nn.Sequential(nn.Linear(dim, dim // token_hidden_ratio), nn.ReLU(),
@@ -131,13 +140,18 @@ class DyDiTBlock(DiTBlock):
         nn.init.constant_(self.token_router[2].bias, token_bias)
 
     def width_gates(self, temb: Tensor) -> tuple[Tensor, Tensor]:
-        "Head and MLP-group masks from the timestep embedding (B, C): -> (B, H), (B, H), first column always 1."
+        "Head and MLP-group masks from the timestep embedding (B, C): -> (B, H), (B, H), first column always 1 (all 1 without TDW)."
+        if not self.tdw:
+            every = torch.ones(temb.shape[0], self.num_heads, dtype=temb.dtype, device=temb.device)
+            return every, every.clone()
         one = torch.ones(temb.shape[0], 1, dtype=temb.dtype, device=temb.device)
         gate = lambda r: torch.cat([one, gumbel_sigmoid_gate(r(temb), self.tau, self.training)], dim=1)
         return gate(self.head_router), gate(self.group_router)
 
     def token_gates(self, x: Tensor) -> Tensor:
-        "Token mask from the tokens after the attention residual: (B, N, C) -> (B, N)."
+        "Token mask from the tokens after the attention residual: (B, N, C) -> (B, N) (all 1 without SDT)."
+        if not self.sdt:
+            return torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
         return gumbel_sigmoid_gate(self.token_router(x).squeeze(-1), self.tau, self.training)
 
     def attn_masked(self, u: Tensor, heads: Tensor | None = None) -> Tensor:
@@ -204,7 +218,7 @@ class DyDiT(DiT):
             raise TypeError(f"DyDiT needs a DyDiTConfig (see dydit_config / dydit_from), got {type(cfg).__name__}")
         super().__init__(cfg)
         self.blocks = nn.ModuleList([DyDiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.token_hidden_ratio,
-                                                cfg.router_bias, cfg.token_bias, cfg.tau, cfg.mask_before_act)
+                                                cfg.router_bias, cfg.token_bias, cfg.tau, cfg.mask_before_act, cfg.tdw, cfg.sdt)
                                      for _ in range(cfg.depth)])
         for blk in self.blocks:         # the official initialize_weights: xavier everywhere, then the router biases
             blk.apply(_xavier)
@@ -318,20 +332,26 @@ def sliced_block_forward(blk: DyDiTBlock, x: Tensor, c: Tensor, head_idx: Tensor
     u = modulate(blk.norm1(x), sh1, sc1)
     o = merge_heads(softmax_attention(*split_heads(F.linear(u, w["qkv_w"], w["qkv_b"]), len(head_idx))))
     x = x + g1[:, None] * F.linear(o, w["proj_w"], blk.attn.proj.bias)
+    mask = lambda i: torch.zeros(b, blk.num_heads).index_fill_(1, i, 1.0)
+    if not blk.sdt:                                                     # TDW only: every token, no scorer to run
+        u = modulate(blk.norm2(x), sh2, sc2)
+        x = x + g2[:, None] * F.linear(blk.mlp.act(F.linear(u, w["fc1_w"], w["fc1_b"])), w["fc2_w"], blk.mlp.fc2.bias)
+        blk.gates = BlockGates(mask(head_idx), mask(group_idx), torch.ones(b, n))
+        return x
     keep = blk.token_router(x).squeeze(-1) > 0                          # (B, N)
     idx = keep.flatten().nonzero().flatten()                            # kept tokens of the whole batch
     u = modulate(blk.norm2(x), sh2, sc2).reshape(b * n, dim)[idx]       # (K, C)
     m = F.linear(blk.mlp.act(F.linear(u, w["fc1_w"], w["fc1_b"])), w["fc2_w"], blk.mlp.fc2.bias)
     x = x.reshape(b * n, dim).index_add(0, idx, g2[idx // n] * m).reshape(b, n, dim)
-    mask = lambda i: torch.zeros(b, blk.num_heads).index_fill_(1, i, 1.0)
     blk.gates = BlockGates(mask(head_idx), mask(group_idx), keep.float())
     return x
 
 # %% ../nbs/12_dydit.ipynb #a81982fb
 def router_flops(cfg: DyDiTConfig) -> tuple[int, int]:
-    "Multiply-adds of the routers: (width routers, C → H−1 twice per block, once per timestep; token scorers, N·(C → C/16 → 1) per block, per sample)."
+    "Multiply-adds of the routers that run: (width routers, C → H−1 twice per block, once per timestep, if TDW; token scorers, N·(C → C/16 → 1) per block, per sample, if SDT)."
     c, th = cfg.hidden_size, cfg.hidden_size // cfg.token_hidden_ratio
-    return cfg.depth * 2 * c * (cfg.num_heads - 1), cfg.depth * cfg.num_tokens * (c * th + th)
+    width = cfg.depth * 2 * c * (cfg.num_heads - 1) if cfg.tdw else 0
+    return width, (cfg.depth * cfg.num_tokens * (c * th + th) if cfg.sdt else 0)
 
 # %% ../nbs/12_dydit.ipynb #8c166fcf
 def lam_schedule(step: int, lam: float, warmup: int = 1000, hold: int = 100) -> float:
@@ -539,6 +559,37 @@ def model_cost(name: str, lam: float = 0.5) -> dict:
         flops = count_flops(dit, x, t, y).total
     return {"params_M": count_params(dit) / 1e6, "dydit_params_M": count_params(dy) / 1e6, "flops_G": flops / 1e9,
             "blocks_G": cfg.depth * sum(block_costs(cfg)) / 1e9, "token_router_G": router_flops(cfg)[1] / 1e9}
+
+# %% ../nbs/12_dydit.ipynb #rc000001
+def fixed_width_dydit(dit: DiT, heads: Sequence[Sequence[int]], groups: Sequence[Sequence[int]]) -> DyDiT:
+    "A DyDiT with `dit`'s weights that runs the given heads and MLP groups of each block at every timestep, every token kept: a static cut, not trained."
+    cfg = dit.cfg
+    if len(heads) != cfg.depth or len(groups) != cfg.depth:
+        raise ValueError(f"need one head list and one group list per block ({cfg.depth}), got {len(heads)} and {len(groups)}")
+    for name, sets in (("heads", heads), ("groups", groups)):
+        for chosen in sets:
+            if 0 not in chosen or not set(chosen) <= set(range(cfg.num_heads)):
+                raise ValueError(f"{name} of a block must include 0 (always on) and lie in 0..{cfg.num_heads - 1}, got {list(chosen)}")
+    model = DyDiT.from_dit(dit, lam=0.5, sdt=False).eval()
+    with torch.no_grad():
+        for blk, hs, gs in zip(model.blocks, heads, groups):
+            for router, chosen in ((blk.head_router, hs), (blk.group_router, gs)):
+                router.weight.zero_()               # the logit no longer depends on t: +10 keeps, −10 drops
+                router.bias.copy_(torch.tensor([10.0 if i in chosen else -10.0 for i in range(1, cfg.num_heads)]))
+    model.clear_cache()
+    return model
+
+
+def random_cut(dit: DiT, keep: int, seed: int) -> DyDiT:
+    "`fixed_width_dydit` keeping head and group 0 and `keep` − 1 others drawn at random (seeded) in every block."
+    h = dit.cfg.num_heads
+    if isinstance(keep, bool) or not (isinstance(keep, int) and 1 <= keep <= h):
+        raise ValueError(f"keep must be a whole number of heads in 1..{h}, got {keep!r}")
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda: [0] + (1 + torch.randperm(h - 1, generator=g)[:keep - 1]).tolist()
+    heads, groups = zip(*[(pick(), pick()) for _ in range(dit.cfg.depth)])
+    return fixed_width_dydit(dit, heads, groups)
+
 
 # %% ../nbs/12_dydit.ipynb #80cb80ee
 @torch.no_grad()

@@ -7,8 +7,8 @@ from paperlab.core import count_flops
 from paperlab.diffusion import DiT, dit_config, tiny_dit_config
 from paperlab.core import repo_root
 from paperlab.dydit import (BlockGates, DyDiT, DyDiTBlock, block_costs, check_lam, ddpm_scheduler, dydit_config, dydit_from,
-                            finetune_dydit, flops_loss, flops_ratio, lam_schedule, model_cost, noised_batch, official_recipe,
-                            paper_numbers, router_flops, sample, scaled_recipe, split_timesteps)
+                            finetune_dydit, fixed_width_dydit, flops_loss, flops_ratio, lam_schedule, model_cost, noised_batch,
+                            official_recipe, paper_numbers, random_cut, router_flops, sample, scaled_recipe, split_timesteps)
 
 NUMBERS = paper_numbers()
 
@@ -54,7 +54,8 @@ def test_lambda_outside_unit_interval_is_refused(lam):
 
 @pytest.mark.parametrize("overrides,msg", [(dict(num_heads=1), "num_heads >= 2"), (dict(mlp_ratio=4.1), "channel groups"),
                                            (dict(token_hidden_ratio=128), "token router"), (dict(tau=0.0), "tau"),
-                                           (dict(num_heads=3), "not divisible")])
+                                           (dict(num_heads=3), "not divisible"), (dict(tdw=False, sdt=False), "tdw=True or sdt=True"),
+                                           (dict(sdt=0), "sdt must be True or False"), (dict(tdw="yes"), "tdw must be True or False")])
 def test_impossible_configs_are_clear_errors(overrides, msg):
     with pytest.raises(ValueError, match=msg):
         dydit_from(tiny_dit_config(), **overrides)
@@ -309,3 +310,130 @@ def test_finetune_bad_arguments(kw, msg):
         finetune_dydit(model, torch.randn(4, 1, 16, 16), torch.zeros(4, dtype=torch.long), 0.5, **args)
     with pytest.raises(ValueError, match="warmup"):
         lam_schedule(3, 0.5, warmup=0)
+
+
+# ---------------------------------------------------------------- Table 3's ablation switches and the random-cut control
+def _pushed(model: DyDiT) -> DyDiT:
+    "Routers pushed (seeded) so that some heads, groups and tokens close."
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.head_router.weight.normal_(); blk.group_router.weight.normal_()
+            blk.head_router.bias.zero_(); blk.group_router.bias.zero_(); blk.token_router[-1].bias.zero_()
+    model.clear_cache()
+    return model
+
+
+class _Boom(torch.nn.Module):
+    "A token scorer that must never run."
+    def forward(self, x):
+        raise AssertionError("the token scorer ran although SDT is off")
+
+
+@pytest.mark.parametrize("part", ["tdw", "sdt"])
+def test_an_ablated_part_keeps_everything_on_and_costs_what_it_runs(part):
+    dit, _ = _perturbed_dydit()
+    model = _pushed(DyDiT.from_dit(dit, lam=0.5, **{part: False}).eval())
+    x, y, t = torch.randn(4, 1, 16, 16), torch.arange(4), torch.tensor([950.0, 950.0, 400.0, 20.0])
+    with torch.no_grad():
+        model.sliced = False; wide = model(x, t, y); g_wide = model.gates
+        if part == "sdt":
+            for blk in model.blocks: blk.token_router = _Boom()       # TDW only: the scorers are not even run, in either path
+        model.sliced = True; narrow = model(x, t, y)
+    torch.testing.assert_close(narrow, wide, atol=1e-5, rtol=1e-5)
+    widths_on = all(bool(g.heads.all() and g.groups.all()) for g in g_wide)
+    tokens_on = all(bool(g.tokens.all()) for g in g_wide)
+    assert (widths_on, tokens_on) == (part == "tdw", part == "sdt")       # the other part really closes gates
+    # the counted multiply-adds of the sliced model, at one timestep, against static − (1 − r)·blocks + the scorers that run
+    model.precompute([400.0])
+    counted = count_flops(model, x[:1], t[2:3], y[:1]).total
+    r = flops_ratio(model.gates, model.cfg).item()
+    static = count_flops(dit, x[:1], t[2:3], y[:1]).total
+    blocks = model.cfg.depth * sum(block_costs(model.cfg))
+    scorers = 0 if part == "sdt" else model.cfg.depth * 64 * (64 * 4 + 4)   # 64 tokens, 64 → 4 → 1 per block
+    assert router_flops(model.cfg)[1] == scorers
+    assert abs(counted - (static - (1 - r) * blocks + scorers)) < 1e-6 * counted
+
+
+def test_sdt_only_with_every_token_kept_is_the_static_model():
+    dit, _ = _perturbed_dydit()
+    model = DyDiT.from_dit(dit, lam=0.5, tdw=False).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.head_router.bias.fill_(-1e4)                              # would close every head, were TDW on
+            blk.token_router[-1].bias.fill_(1e4)
+        x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([10.0, 500.0, 900.0]), torch.arange(3)
+        torch.testing.assert_close(model(x, t, y), dit(x, t, y), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("part,router", [("tdw", "head_router"), ("sdt", "token_router")])
+def test_fine_tuning_an_ablation_never_moves_the_switched_off_router(part, router):
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dit = DiT(tiny_dit_config(depth=1, hidden_size=32, num_heads=2))
+        model = DyDiT.from_dit(dit, lam=0.5, router_bias=1.0, token_bias=1.0, **{part: False})
+        other = "token_router" if part == "tdw" else "head_router"
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if "router" in n}
+        x, y = torch.randn(16, 1, 16, 16), torch.randint(0, 10, (16,))
+        log, _ = finetune_dydit(model, x, y, 0.5, steps=4, batch_size=8, lr=1e-3, router_lr=5e-2, warmup=1, hold=0,
+                                complete_steps=0, ema_decay=0.5)
+    finally:
+        torch.set_num_threads(threads)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before if router in n)          # its router never learns
+    assert any(not torch.equal(before[n], after[n]) for n in before if other in n)       # the other part's does
+    assert all(r["ratio"] < 1 for r in log[1:])
+
+
+def _cut_reference(dit: DiT, model: DyDiT) -> DiT:
+    "The static DiT with the dropped heads' projection columns and the dropped groups' fc2 columns zeroed: a cut by hand."
+    ref = __import__("copy").deepcopy(dit)
+    d, gs = model.blocks[0].head_dim, model.blocks[0].group_size
+    with torch.no_grad():
+        for blk_ref, (hi, gi) in zip(ref.blocks, model.width_plan(500.0)):
+            for h in set(range(model.cfg.num_heads)) - set(hi.tolist()):
+                blk_ref.attn.proj.weight[:, h * d:(h + 1) * d] = 0
+            for g in set(range(model.cfg.num_heads)) - set(gi.tolist()):
+                blk_ref.mlp.fc2.weight[:, g * gs:(g + 1) * gs] = 0
+    return ref
+
+
+def test_random_cut_is_a_fixed_half_equal_to_zeroing_by_hand():
+    dit, _ = _perturbed_dydit(depth=3)
+    cut = random_cut(dit, keep=2, seed=5)
+    plans = [[(hi.tolist(), gi.tolist()) for hi, gi in cut.width_plan(t)] for t in (999.0, 500.0, 0.0)]
+    assert plans[0] == plans[1] == plans[2]                             # the same plan at every timestep
+    temb = cut.t_embedder(torch.tensor([999.0, 0.0]))
+    for blk in cut.blocks:                                              # its logits do not read the timestep at all
+        for router in (blk.head_router, blk.group_router):
+            z = router(temb)
+            assert torch.equal(z[0], z[1]) and z.abs().min() >= 10
+    assert all(h[0] == 0 and g[0] == 0 and len(h) == 2 and len(g) == 2 for h, g in plans[0])
+    x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([999.0, 700.0, 300.0, 0.0]), torch.arange(4)
+    with torch.no_grad():
+        out = cut(x, t, y)
+        assert torch.allclose(flops_ratio(cut.gates, cut.cfg), torch.full((4,), 0.5))
+        torch.testing.assert_close(out, _cut_reference(dit, cut)(x, t, y), atol=1e-5, rtol=1e-5)
+        assert (out - dit(x, t, y)).abs().max() > 1e-3                   # the cut changes the output
+    others = {tuple(map(tuple, (p for hg in [(hi.tolist(), gi.tolist()) for hi, gi in random_cut(dit, 2, s).width_plan(0.0)] for p in hg)))
+              for s in range(6)}
+    assert len(others) > 1                                              # the seed picks the cut
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(keep=0), "keep must be"), (dict(keep=5), "keep must be"), (dict(keep=2.0), "keep must be"),
+                                    (dict(keep=True), "keep must be")])
+def test_random_cut_bad_keep(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        random_cut(DiT(tiny_dit_config(depth=1)), seed=0, **kw)
+
+
+def test_fixed_width_bad_plans():
+    dit = DiT(tiny_dit_config(depth=2))
+    with pytest.raises(ValueError, match="one head list and one group list per block"):
+        fixed_width_dydit(dit, [[0]], [[0]])
+    with pytest.raises(ValueError, match="must include 0"):
+        fixed_width_dydit(dit, [[1, 2], [0]], [[0], [0]])
+    with pytest.raises(ValueError, match="lie in 0..3"):
+        fixed_width_dydit(dit, [[0, 4], [0]], [[0], [0]])
