@@ -355,11 +355,12 @@ class Paired:
         hi = self.mean + self._half()
         return hi if self.bounds is None else min(hi, self.bounds[1])
 
-    def seeds_to_decide(self, limit: int = 10_000) -> int | None:
-        "Seeds needed for the interval to exclude zero if the observed mean and spread held (None: the mean is zero)."
-        if self.mean == 0: return None
+    def seeds_to_decide(self, threshold: float = 0.0, limit: int = 10_000) -> int | None:
+        "Seeds needed for the interval to exclude `threshold` if the observed mean and spread held (None: the mean sits on it)."
+        gap = abs(self.mean - threshold)
+        if gap == 0: return None
         if self.std == 0: return self.n
-        return next((n for n in range(2, limit + 1) if self._half(n) < abs(self.mean)), None)
+        return next((n for n in range(2, limit + 1) if self._half(n) < gap), None)
 
     def describe(self, a: str = "a", b: str = "b") -> str:
         "One line: each arm's mean ± std, and the mean difference with its interval."
@@ -468,7 +469,7 @@ class Ledger:
         rule = rule or above()
         lo, hi = p.lo, p.hi
         undecided = lo <= rule.value <= hi or lo == hi
-        n = p.seeds_to_decide() if undecided else None
+        n = p.seeds_to_decide(rule.value) if undecided else None
         if n: text += f"; about {n} seeds would decide it if the spread held"
         return self.claim(id, statement, reported, unit, p.mean, rule, interval=(lo, hi), control=control, bounds=bounds,
                           seeds_to_decide=n, note=(note + "; " if note else "") + text, **kw)
