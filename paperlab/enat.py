@@ -24,12 +24,13 @@ if TYPE_CHECKING:
     from diffusers import VQModel
 
 # %% auto #0
-__all__ = ['ENAT_CONFIGS', 'GOLDEN_MODEL', 'VQ_CONFIG', 'ENATConfig', 'enat_config', 'SCAttention', 'ENATBlock', 'TokenEmbedding',
-           'MlmHead', 'PrevProj', 'ENAT', 'beta_order_stat', 'nat_mask', 'extra_mask', 'nat_loss', 'ema_update',
-           'NATRun', 'train_nat', 'official_name_map', 'load_golden', 'cosine_mask_counts', 'masked_inputs', 'gumbel',
-           'StepTrace', 'generate', 'block_macs', 'forward_macs', 'generation_macs', 'full_size_params',
-           'vq_decoder_macs', 'make_vq', 'train_vq', 'vq_encode', 'vq_decode', 'digits_vq', 'match_width',
-           'block_attention', 'masked_loss', 'step_similarity', 'test_loss']
+__all__ = ['ENAT_CONFIGS', 'GOLDEN_MODEL', 'VQ_CONFIG', 'REUSE_MODES', 'ENATConfig', 'enat_config', 'SCAttention', 'ENATBlock',
+           'TokenEmbedding', 'MlmHead', 'PrevProj', 'ENAT', 'beta_order_stat', 'nat_mask', 'extra_mask', 'nat_loss',
+           'ema_update', 'init_nat', 'NATRun', 'train_nat', 'official_name_map', 'load_golden', 'cosine_mask_counts',
+           'masked_inputs', 'gumbel', 'StepTrace', 'generate', 'block_macs', 'forward_macs', 'generation_macs',
+           'full_size_params', 'vq_decoder_macs', 'make_vq', 'train_vq', 'vq_encode', 'vq_decode', 'digits_vq',
+           'match_width', 'block_attention', 'masked_loss', 'step_similarity', 'schedule_masks', 'stale_forward',
+           'schedule_losses', 'schedule_loss', 'class_position_table', 'table_loss']
 
 # %% ../nbs/13_enat.ipynb #6420d3d4
 @dataclass(frozen=True)
@@ -348,6 +349,12 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         pe.lerp_(pm, 1 - decay)
 
 
+def init_nat(cfg: ENATConfig, seed: int = 0) -> ENAT:
+    "The untrained model that `train_nat(cfg, ..., seed=seed)` starts from (official init after `torch.manual_seed(seed)`): the controls' model."
+    torch.manual_seed(seed)
+    return ENAT(cfg)
+
+
 @dataclass
 class NATRun:
     "A trained NAT: the online model, its EMA (used for sampling, as the official evaluation does) and the losses."
@@ -358,20 +365,22 @@ class NATRun:
 
 def train_nat(cfg: ENATConfig, tokens: Tensor, labels: Tensor, steps: int, batch_size: int = 64, lr: float = 1e-3,
               weight_decay: float = 0.03, reuse_prob: float = 0.5, ema_decay: float = 0.99, warmup: float = 0.05,
-              seed: int = 0, progress: bool = True, label_dropout: str = "official", p_uncond: float = 0.15) -> NATRun:
-    "Train a NAT on tokens (N, L) with labels (N,) by the official recipe scaled down: AdamW, linear warm-up then constant lr, label dropout ('official': `p_uncond` in the data, then the model's `class_dropout`; 'single': one draw at `class_dropout`), EMA, reuse branch."
+              seed: int = 0, progress: bool = True, label_dropout: str = "official", p_uncond: float = 0.15,
+              betas: tuple[float, float] = (0.99, 0.99)) -> NATRun:
+    "Train a NAT on tokens (N, L) with labels (N,) by the official recipe scaled down: AdamW (official `betas` by default), linear warm-up then constant lr, label dropout ('official': `p_uncond` in the data, then the model's `class_dropout`; 'single': one draw at `class_dropout`), EMA, reuse branch."
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if label_dropout not in ("official", "single"):
         raise ValueError(f"label_dropout must be 'official' (p_uncond in the data, then the model's class_dropout) or 'single', got {label_dropout!r}")
     if not 0 <= p_uncond <= 1:
         raise ValueError(f"p_uncond must be a probability in [0, 1], got {p_uncond}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
     official = label_dropout == "official"
-    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = ENAT(cfg)
+    model = init_nat(cfg, seed)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.99, 0.99))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=tuple(betas))
     n_warm = max(1, int(warmup * steps))
     run = NATRun(model, ema)
     model.train()
@@ -620,15 +629,72 @@ def step_similarity(trace: list[StepTrace], mask_id: int) -> dict[str, list[floa
     return out
 
 # %% ../nbs/13_enat.ipynb #2ca3419e
+def schedule_masks(n: int, seq_len: int, steps: int = 8, seed: int = 0) -> list[Tensor]:
+    "The [MASK] maps (n, L) that the sampler's network sees at steps 0..T−1: `masked_inputs(L, T)` random tokens per row, each map inside the previous one."
+    rank = torch.rand(n, seq_len, generator=torch.Generator().manual_seed(seed)).argsort(-1).argsort(-1)   # each token's place in a random order
+    return [rank < m for m in masked_inputs(seq_len, steps)]
+
+
+def stale_forward(model: ENAT, ids: Tensor, labels: Tensor, prev: dict) -> dict:
+    "ENAT's step with the encoder skipped: every visible token, the critical ones too, takes its projected previous-step features, so the tokens decoded at the previous step enter only as the [MASK] features they had there: -> dict(logits, feat, masking)."
+    if model.cfg.uniform:
+        raise ValueError("a uniform NAT has no temporal reuse: stale_forward needs an ENAT")
+    ids = model.check_ids(ids)
+    masking = ids == model.cfg.mask_id
+    pm = prev["masking"]
+    if pm.shape != masking.shape or (masking & ~pm).any():
+        raise ValueError("prev['masking'] must cover every token that is [MASK] now (masks only shrink)")
+    c = model.y_embedder(model.check_labels(labels, ids.shape[0]))
+    visible = model.prev_proj(_split(prev["feat"].detach(), ~masking))
+    masked = _split(model.x_embedder(ids), masking)
+    for blk in model.blocks[model.cfg.enc_dec[0]:]:
+        masked = blk(masked, c, ctx=visible)
+    feat = _restore(~masking, visible, masked)
+    return {"logits": model.head(feat), "feat": feat, "masking": masking}
+
+
+REUSE_MODES = ("none", "reuse", "stale")
+
+
 @torch.no_grad()
-def test_loss(model: ENAT, tokens: Tensor, labels: Tensor, ratios: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9), seed: int = 0) -> float:
-    "Mean masked-token cross-entropy (no smoothing, no reuse) of `model` on tokens (N, L) over fixed mask ratios and seeded masks."
+def schedule_losses(model: ENAT, tokens: Tensor, labels: Tensor, modes: tuple[str, ...] = ("none",), steps: int = 8,
+                    seed: int = 0) -> dict[str, float]:
+    "Masked-token cross-entropy of `model` on tokens (N, L), averaged over the sampler's T steps (`schedule_masks`), for each of `modes`: 'none' (plain forward), 'reuse' (the previous step's features, as `generate` reuses them), 'stale' (the previous step's features for every visible token); the modes share the masks and, where they can, the forwards."
+    bad = [m for m in modes if m not in REUSE_MODES]
+    if bad or not modes:
+        raise ValueError(f"modes must be a non-empty tuple of {REUSE_MODES}, got {modes!r}")
+    if model.cfg.uniform and set(modes) != {"none"}:
+        raise ValueError("a uniform NAT has no temporal reuse: use modes=('none',)")
     model.eval()
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for r in ratios:
-        k = max(1, min(tokens.shape[1] - 1, round(r * tokens.shape[1])))
-        mask = torch.rand(tokens.shape, generator=g).argsort(-1) < k
-        logits = model(torch.where(mask, model.cfg.mask_id, tokens), labels)["logits"]
-        out.append(F.cross_entropy(logits[mask], tokens[mask]).item())
-    return sum(out) / len(out)
+    sums, prev = dict.fromkeys(modes, 0.0), None
+    masks = schedule_masks(len(tokens), tokens.shape[1], steps, seed)
+    for mask in masks:
+        ids = torch.where(mask, model.cfg.mask_id, tokens)
+        plain = model(ids, labels) if "none" in modes or prev is None else None
+        chain = plain if prev is None else model(ids, labels, prev=prev) if {"reuse", "stale"} & set(modes) else None
+        # 'stale' skips the encoder at this step only: its previous step is the reuse chain's, as in 'reuse'
+        stale = chain if prev is None or "stale" not in modes else stale_forward(model, ids, labels, prev)
+        for m, out in (("none", plain), ("reuse", chain), ("stale", stale)):
+            if m in modes:
+                sums[m] += F.cross_entropy(out["logits"][mask], tokens[mask]).item()
+        prev = chain
+    return {m: v / len(masks) for m, v in sums.items()}
+
+
+def schedule_loss(model: ENAT, tokens: Tensor, labels: Tensor, steps: int = 8, reuse: str = "none", seed: int = 0) -> float:
+    "`schedule_losses` for one mode (`reuse`: 'none', 'reuse' or 'stale')."
+    return schedule_losses(model, tokens, labels, (reuse,), steps, seed)[reuse]
+
+
+def class_position_table(tokens: Tensor, labels: Tensor, codebook_size: int, num_classes: int, alpha: float = 0.5) -> Tensor:
+    "Log-frequencies of each code per class and position in tokens (N, L), add-`alpha` smoothed: a predictor that reads no other token -> (num_classes, L, codebook_size)."
+    counts = torch.full((num_classes, tokens.shape[1], codebook_size), float(alpha))
+    counts.index_put_((labels[:, None].expand_as(tokens), torch.arange(tokens.shape[1]).expand_as(tokens), tokens),
+                      torch.ones(tokens.shape), accumulate=True)
+    return (counts / counts.sum(-1, keepdim=True)).log()
+
+
+def table_loss(table: Tensor, tokens: Tensor, labels: Tensor, steps: int = 8, seed: int = 0) -> float:
+    "The class-and-position table's cross-entropy on the same masked tokens as `schedule_loss` (same steps and seed)."
+    logp = table[labels[:, None], torch.arange(tokens.shape[1])[None], tokens]                        # (N, L)
+    return sum(-logp[m].mean().item() for m in schedule_masks(len(tokens), tokens.shape[1], steps, seed)) / steps

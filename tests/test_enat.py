@@ -1,15 +1,17 @@
-"""ENAT chapter: golden outputs of the official code and their recipe, the spatial and temporal mechanics, the schedule (every step count against the official formula), the sampler, label dropout, compute counts, full-size parameters, bad inputs."""
+"""ENAT chapter: golden outputs of the official code and their recipe, the spatial and temporal mechanics, the losses along the schedule (reuse, stale), the untrained controls, the schedule (every step count against the official formula), the sampler, label dropout, compute counts, full-size parameters, bad inputs."""
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from paperlab.core import count_flops, repo_root
-from paperlab.enat import (ENAT, GOLDEN_MODEL, ENATBlock, ENATConfig, block_attention, cosine_mask_counts, enat_config,
-                           extra_mask, full_size_params, generate, generation_macs, load_golden, masked_inputs, nat_loss,
-                           nat_mask, official_name_map, train_nat)
+from paperlab.enat import (ENAT, GOLDEN_MODEL, REUSE_MODES, ENATBlock, ENATConfig, block_attention, class_position_table,
+                           cosine_mask_counts, enat_config, extra_mask, full_size_params, generate, generation_macs, init_nat,
+                           load_golden, masked_inputs, masked_loss, nat_loss, nat_mask, official_name_map, schedule_loss,
+                           schedule_losses, schedule_masks, stale_forward, table_loss, train_nat)
 
 TINY = ENATConfig(input_size=4, codebook_size=12, hidden_size=32, num_heads=4, enc_dec=(2, 2), num_classes=3)
 
@@ -326,3 +328,123 @@ def test_golden_weights_and_inputs_follow_the_readme_recipe():
     _, f32 = golden_recipe(torch.float32)
     ref = official_name_map(G["block_state"])
     assert max((f32["block_state"][k].double() - ref[k]).abs().max() for k in ref) > 0.5
+
+
+# --- the losses along the sampler's schedule, the stale ablation and the untrained controls (issue 22)
+
+def tokens_and_labels(n=6, seed=0, cfg=TINY):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.codebook_size, (n, cfg.seq_len), generator=g), torch.randint(0, cfg.num_classes, (n,), generator=g)
+
+
+def test_schedule_masks_hold_the_samplers_counts_each_inside_the_previous():
+    masks = schedule_masks(5, 16, steps=6, seed=3)
+    assert [m.sum(1).tolist() for m in masks] == [[c] * 5 for c in masked_inputs(16, 6)]   # 16, 15, 13, 11, 8, 4
+    assert all((b <= a).all() for a, b in zip(masks[:-1], masks[1:]))                        # a [MASK] only ever leaves
+    assert not torch.equal(masks[3], schedule_masks(5, 16, steps=6, seed=4)[3])
+
+
+def test_schedule_losses_equal_a_step_by_step_reference():
+    m = perturbed()
+    tok, lab = tokens_and_labels()
+    masks = schedule_masks(len(tok), 16, steps=5, seed=2)
+    ref = {"none": [], "reuse": [], "stale": []}
+    prev = None
+    with torch.no_grad():
+        for mask in masks:            # generate's chain, written out: each step reads the previous step's reuse output
+            ids = torch.where(mask, TINY.mask_id, tok)
+            ce = lambda out: torch.nn.functional.cross_entropy(out["logits"][mask], tok[mask]).item()
+            out = m(ids, lab, prev=prev)
+            ref["none"].append(ce(m(ids, lab)))
+            ref["reuse"].append(ce(out))
+            ref["stale"].append(ce(out if prev is None else stale_forward(m, ids, lab, prev)))
+            prev = out
+    got = schedule_losses(m, tok, lab, REUSE_MODES, steps=5, seed=2)
+    for mode in REUSE_MODES:
+        assert math.isclose(got[mode], sum(ref[mode]) / 5, rel_tol=1e-6), mode
+        assert math.isclose(schedule_loss(m, tok, lab, steps=5, reuse=mode, seed=2), got[mode], rel_tol=1e-12)
+    assert len({round(v, 6) for v in got.values()}) == 3          # the three modes differ on a model that computes something
+
+
+def test_stale_forward_never_reads_the_critical_tokens_codes():
+    m = perturbed()
+    tok, lab = tokens_and_labels(2)
+    before, now = schedule_masks(2, 16, steps=6, seed=0)[2:4]     # 13 then 11 [MASK]: 2 critical tokens per row
+    critical = before & ~now
+    with torch.no_grad():
+        prev = m(torch.where(before, TINY.mask_id, tok), lab)
+        ids = torch.where(now, TINY.mask_id, tok)
+        other = torch.where(critical, (tok + 1) % TINY.codebook_size, ids)   # new codes for the critical tokens only
+        stale, stale2 = stale_forward(m, ids, lab, prev), stale_forward(m, other, lab, prev)
+        reuse, reuse2 = m(ids, lab, prev=prev), m(other, lab, prev=prev)
+    assert torch.equal(stale["logits"][now], stale2["logits"][now])                     # the encoder is skipped
+    assert (reuse["logits"][now] - reuse2["logits"][now]).abs().max() > 1e-4            # reuse re-encodes them
+    # every visible token, critical ones included, carries its projected previous-step features
+    torch.testing.assert_close(stale["feat"][~now], m.prev_proj(prev["feat"])[~now])
+    with pytest.raises(ValueError, match="masks only shrink"):
+        stale_forward(m, torch.where(before, TINY.mask_id, tok), lab, dict(prev, masking=now))
+
+
+def test_an_untrained_model_passes_none_of_the_toy_tests():
+    # the controls: at the official init the adaLN output layers are zero, every block is the identity, so a [MASK]
+    # token reads nothing: reuse, stale and plain give one loss, and blocking an interaction changes nothing
+    cfg = replace(TINY, enc_dec=(3, 1))
+    tok, lab = tokens_and_labels(cfg=cfg)
+    losses = schedule_losses(init_nat(cfg, 5).eval(), tok, lab, REUSE_MODES, steps=6)
+    assert losses["none"] == losses["reuse"] == losses["stale"]
+    uni = init_nat(replace(TINY, uniform=True, enc_dec=(3, 0)), 5)
+    blocked = {b: masked_loss(uni, tok, lab, 0.5, b, seed=1) for b in ("none", "M->V", "V->M")}
+    assert blocked["none"] == blocked["M->V"] == blocked["V->M"]
+    # sensitivity: with the adaLN layers well off zero the same tests move
+    def loud(c):
+        "Random weights that compute something and say it loudly: adaLN off zero, unit-scale code embeddings (large logits)."
+        m = init_nat(c, 5).eval()
+        with torch.no_grad():
+            m.x_embedder.word_embeddings.weight.normal_(0, 1)
+            for blk in m.blocks: torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=1.0)
+        return m
+    moved = schedule_losses(loud(cfg), tok, lab, REUSE_MODES, steps=6)
+    assert abs(moved["stale"] - moved["reuse"]) > 1e-3 and abs(moved["reuse"] - moved["none"]) > 1e-3
+    uni_p = loud(replace(TINY, uniform=True, enc_dec=(3, 0)))
+    assert abs(masked_loss(uni_p, tok, lab, 0.5, "M->V", seed=1) - masked_loss(uni_p, tok, lab, 0.5, "none", seed=1)) > 1e-2
+
+
+def test_init_nat_is_the_model_train_nat_starts_from():
+    tok, lab = tokens_and_labels(32)
+    run = train_nat(TINY, tok, lab, steps=1, batch_size=8, lr=0.0, seed=7, progress=False)   # lr 0: no step moves a weight
+    init = init_nat(TINY, 7).state_dict()
+    assert all(torch.equal(run.model.state_dict()[k], v) and torch.equal(run.ema.state_dict()[k], v) for k, v in init.items())
+    assert not torch.equal(init_nat(TINY, 8).state_dict()["x_embedder.word_embeddings.weight"], init["x_embedder.word_embeddings.weight"])
+    # the betas reach AdamW: the default (official 0.99, 0.99) and the toy's (0.9, 0.99) train different weights
+    a = train_nat(TINY, tok, lab, steps=3, batch_size=8, lr=1e-2, seed=7, progress=False).model.state_dict()
+    b = train_nat(TINY, tok, lab, steps=3, batch_size=8, lr=1e-2, seed=7, progress=False, betas=(0.9, 0.99)).model.state_dict()
+    assert not torch.equal(a["blocks.0.attn.q.weight"], b["blocks.0.attn.q.weight"])
+
+
+def test_class_position_table_and_its_loss_against_counting():
+    tok, lab = tokens_and_labels(40, seed=1)
+    table = class_position_table(tok, lab, TINY.codebook_size, TINY.num_classes, alpha=0.5)
+    for c in range(TINY.num_classes):
+        for j in (0, 7, 15):
+            counts = np.full(TINY.codebook_size, 0.5)
+            for row, y in zip(tok.tolist(), lab.tolist()):
+                if y == c: counts[row[j]] += 1
+            np.testing.assert_allclose(table[c, j].exp().numpy(), counts / counts.sum(), rtol=1e-6)
+    masks = schedule_masks(len(tok), 16, steps=4, seed=2)
+    ref = np.mean([np.mean([-table[lab[i], j, tok[i, j]].item() for i in range(len(tok)) for j in range(16) if m[i, j]]) for m in masks])
+    assert math.isclose(table_loss(table, tok, lab, steps=4, seed=2), ref, rel_tol=1e-6)
+
+
+def test_bad_loss_and_training_arguments_are_clear_errors():
+    tok, lab = tokens_and_labels()
+    uni = perturbed(replace(TINY, uniform=True, enc_dec=(2, 0)))
+    with pytest.raises(ValueError, match="modes must be"):
+        schedule_losses(perturbed(), tok, lab, ("cached",))
+    with pytest.raises(ValueError, match="modes must be"):
+        schedule_losses(perturbed(), tok, lab, ())
+    with pytest.raises(ValueError, match="no temporal reuse"):
+        schedule_loss(uni, tok, lab, reuse="reuse")
+    with pytest.raises(ValueError, match="stale_forward needs an ENAT"):
+        stale_forward(uni, tok, lab, {"feat": torch.zeros(6, 16, 32), "masking": torch.ones(6, 16, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="betas"):
+        train_nat(TINY, tok, lab, steps=1, betas=(0.9, 1.0), progress=False)
