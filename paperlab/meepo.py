@@ -447,14 +447,15 @@ class SubMConv3d(nn.Module):
 
 
 class Block(nn.Module):
-    "PTv3's block with a pluggable mixer: xCPE (SubMConv3d 3³ + Linear + LN, residual) → LN → mixer → LN → MLP, pre-norm residuals."
+    "PTv3's block with a pluggable mixer: xCPE (SubMConv3d 3³ + Linear + LN, residual; left out when `cpe=False`) → LN → mixer → LN → MLP, pre-norm residuals."
     def __init__(self, channels: int, mixer: nn.Module, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 order_index: int = 0, indice_key: str | None = None):
+                 order_index: int = 0, indice_key: str | None = None, cpe: bool = True):
         super().__init__()
-        self.order_index = order_index
-        self.cpe_conv = SubMConv3d(channels, channels, kernel_size=3, bias=True, indice_key=indice_key)
-        self.cpe_linear = nn.Linear(channels, channels)
-        self.cpe_norm = nn.LayerNorm(channels)
+        self.order_index, self.cpe = order_index, cpe
+        if cpe:                                      # cpe=False: the local-module ablation (no xCPE in the block)
+            self.cpe_conv = SubMConv3d(channels, channels, kernel_size=3, bias=True, indice_key=indice_key)
+            self.cpe_linear = nn.Linear(channels, channels)
+            self.cpe_norm = nn.LayerNorm(channels)
         self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
         self.mixer = mixer
         hidden = int(channels * mlp_ratio)
@@ -462,8 +463,9 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, pc: PointCloud) -> PointCloud:
-        local = self.cpe_norm(self.cpe_linear(self.cpe_conv(pc.sparse).features))   # pc.sparse as PTv3 left it (see unpooling)
-        feat = pc.feat + local
+        feat = pc.feat
+        if self.cpe:
+            feat = feat + self.cpe_norm(self.cpe_linear(self.cpe_conv(pc.sparse).features))   # pc.sparse as PTv3 left it (see unpooling)
         feat = feat + self.drop_path(self.mixer(self.norm1(feat), pc, self.order_index % len(pc.order)))
         feat = feat + self.drop_path(self.mlp(self.norm2(feat)))
         pc.feat = feat
@@ -542,6 +544,7 @@ class PointUNetConfig:
     causal: bool = False
     directions: tuple = ((False, 1), (True, 1))
     stem_kernel: int = 5
+    cpe: bool = True                       # False: blocks without xCPE (the local-module ablation; the stem conv stays)
     num_classes: int | None = None
 
     def __post_init__(self):
@@ -590,7 +593,7 @@ class PointUNet(nn.Module):
             if s > 0: stage.append(SerializedPooling(c[s - 1], c[s], cfg.stride[s - 1]))   # PTv3 shuffles here always
             for i in range(depth):
                 stage.append(Block(c[s], make_mixer(cfg, c[s], cfg.enc_num_head[s], cfg.enc_patch_size[s]), cfg.mlp_ratio,
-                                   dp[sum(cfg.enc_depths[:s]) + i], i, f"stage{s}"))
+                                   dp[sum(cfg.enc_depths[:s]) + i], i, f"stage{s}", cfg.cpe))
             self.enc.append(stage)
         dp = torch.linspace(0, cfg.drop_path, sum(cfg.dec_depths), device="cpu").tolist()
         dch = list(cfg.dec_channels) + [c[-1]]
@@ -600,7 +603,7 @@ class PointUNet(nn.Module):
             rates = dp[sum(cfg.dec_depths[:s]): sum(cfg.dec_depths[:s + 1])][::-1]
             for i in range(cfg.dec_depths[s]):
                 stage.append(Block(dch[s], make_mixer(cfg, dch[s], cfg.dec_num_head[s], cfg.dec_patch_size[s]), cfg.mlp_ratio,
-                                   rates[i], i, f"stage{s}"))
+                                   rates[i], i, f"stage{s}", cfg.cpe))
             self.dec.append(stage)
         self.head = nn.Linear(dch[0], cfg.num_classes) if cfg.num_classes else nn.Identity()
 

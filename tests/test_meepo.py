@@ -373,6 +373,32 @@ def test_tiny_model_forward_and_backward():
         assert unused == [] if mixer != "none" else all(".norm1." in n for n in unused)   # local only: no mixer, its norm idle
 
 
+def test_local_module_ablation():
+    # cpe=False drops xCPE from every block: per block a 3^3 sparse conv (27 C^2, bias C), a Linear (C^2 + C) and a
+    # LayerNorm (2C), i.e. 28 C^2 + 4 C; the tiny U-Net has blocks of C = 24 (encoder and decoder) and C = 48
+    drop = sum(28 * c * c + 4 * c for c in (24, 48, 24))
+    assert drop == 97152
+    torch.manual_seed(0); with_cpe = PointUNet(tiny_config("mamba"))
+    torch.manual_seed(0); without = PointUNet(tiny_config("mamba", cpe=False))
+    assert count_params(with_cpe) - count_params(without) == drop
+    assert not any("cpe" in n for n, _ in without.named_parameters())
+    # the ablated network equals the full one with its local modules silenced (cpe_norm's output forced to 0)
+    without.load_state_dict({k: v for k, v in with_cpe.state_dict().items() if "cpe" not in k})
+    scene = make_scene(3)
+    idx, voxels, _ = grid_sample(scene["coord"], 0.1)
+    def run(model):
+        return model(make_point_cloud(scene["coord"][idx], scene["normal"][idx], grid_size=0.1, orders=("hilbert",),
+                                      shuffle_orders=False, grid_coord=voxels))
+    with torch.no_grad():
+        before = run(with_cpe)
+        for name, p in with_cpe.named_parameters():
+            if "cpe_norm" in name: p.zero_()
+        torch.testing.assert_close(run(without), run(with_cpe))
+    assert (before - run(without)).abs().max() > 1e-3          # sensitivity: the local modules do change the output
+    out = run(without); out.sum().backward()
+    assert [n for n, p in without.named_parameters() if p.grad is None] == []
+
+
 def test_scene_labels_need_context():
     for seed in range(5):
         s = make_scene(seed)
