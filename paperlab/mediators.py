@@ -26,12 +26,13 @@ from .attention import (QKVAttention, mediator_attention, mediator_attention_wei
 from .core import count_flops, count_params, deterministic, repo_root
 from .diffusion import (DiT, DiTConfig, SelfAttention, _model_dtype, digits_for_diffusion, dit_config, euler_sample,
                                 guided_velocity, sde_last_step, sde_sample, sde_step, sde_times, tiny_dit_config, train_flow)
+from .ledger import wilson_interval
 from .metrics import sample_quality
 
 # %% auto #0
 __all__ = ['mediator_grid', 'MediatorAttention', 'mediator_sit', 'paper_numbers', 'model_cost', 'pairwise_jsd', 'jsd_score',
            'softmax_block_weights', 'block_weights', 'attention_along_sampling', 'toy_mediator_dit',
-           'redundancy_along_sampling', 'run_arm', 'run_dynamic', 'run_jobs', 'plot_mediator_maps',
+           'redundancy_along_sampling', 'run_arm', 'run_dynamic', 'run_jobs', 'learned_the_data', 'plot_mediator_maps',
            'plot_implied_vs_softmax', 'GaussianToyField', 'step_distance', 'dynamic_sample', 'switch_steps',
            'mediator_token_mixing']
 
@@ -116,9 +117,11 @@ def model_cost(name: str, num_mediators: int | None = None) -> dict:
 def pairwise_jsd(attn: Tensor) -> Tensor:
     "Jensen-Shannon divergence (bits) between every pair of rows of each matrix: (..., N, N) -> (..., N, N)."
     p = attn.clamp_min(1e-12)
+    h = -(p * p.log()).sum(-1)                                                   # (..., N): entropy of each row
     mid = (p[..., :, None, :] + p[..., None, :, :]) / 2                          # (..., N, N, N)
-    kl = lambda a: (a * (a.log() - mid.log())).sum(-1)
-    return 0.5 * (kl(p[..., :, None, :]) + kl(p[..., None, :, :])) / math.log(2)
+    # JSD(p, q) = H((p + q)/2) − (H(p) + H(q))/2: one N³ logarithm instead of three
+    jsd = -(mid * mid.log()).sum(-1) - (h[..., :, None] + h[..., None, :]) / 2
+    return jsd.clamp_min(0) / math.log(2)
 
 
 def jsd_score(attn: Tensor) -> Tensor:
@@ -177,19 +180,27 @@ def redundancy_along_sampling(model: DiT, probes: int, steps: int, seed: int) ->
     return torch.stack([torch.stack([jsd_score(w).mean() for w in step]) for step in traj])
 
 
-def run_arm(num_mediators: int | None, seed: int, train: dict) -> dict:
-    "One arm and seed of the chapter's experiment: train the toy DiT, sample it with SiT's SDE sampler, score the samples (and the softmax arm's redundancy): -> dict."
+def run_arm(num_mediators: int | None, seed: int, train: dict, resample_offset: int = 1000) -> dict:
+    """One arm and seed of the chapter's experiment: train the toy DiT, sample it with SiT's SDE sampler and score the
+    samples; sample it again with noise seed `seed + 1 + resample_offset` (the quality null); for the softmax arm, the
+    redundancy along sampling before (control) and after training: -> dict."""
     deterministic(threads=1, seed=seed)
     xd, yd = digits_for_diffusion("train")
     x_ref, _ = digits_for_diffusion("test")
     model = toy_mediator_dit(num_mediators, train["depth"], train["hidden"])
+    out = {"m": num_mediators, "seed": seed}
+    if num_mediators is None:     # the same model at its initial weights; uses its own generator, so training is unchanged
+        out["redundancy_init"] = redundancy_along_sampling(model, train["probes"], train["sample_steps"], seed)
     t0 = time.perf_counter()
     losses = train_flow(model, xd, yd, steps=train["steps"], batch_size=train["batch_size"], lr=train["lr"], seed=seed, progress=False)
-    train_s = time.perf_counter() - t0
+    out.update(train_s=time.perf_counter() - t0, final_loss=float(np.mean(losses[-20:])))
     y_gen = torch.arange(train["n_samples"]) % 10
-    samples = sde_sample(model, y_gen, steps=train["sample_steps"], generator=torch.Generator().manual_seed(seed + 1))
-    out = {"m": num_mediators, "seed": seed, "train_s": train_s, "final_loss": float(np.mean(losses[-20:])),
-           **sample_quality(samples, y_gen, x_ref, seed=0), "samples": samples[:20], "state": model.state_dict()}
+    draw = lambda s: sde_sample(model, y_gen, steps=train["sample_steps"], generator=torch.Generator().manual_seed(s))
+    samples = draw(seed + 1)
+    quality = sample_quality(samples, y_gen, x_ref, seed=0)
+    out.update(quality, class_k=round(quality["class_acc"] * len(y_gen)), n_samples=len(y_gen),
+               fd_resample=sample_quality(draw(seed + 1 + resample_offset), y_gen, x_ref, seed=0)["fd"],
+               samples=samples[:20], state=model.state_dict())
     if num_mediators is None:
         out["redundancy"] = redundancy_along_sampling(model, train["probes"], train["sample_steps"], seed)
     return out
@@ -224,6 +235,21 @@ def run_jobs(jobs: Sequence[tuple[Callable, tuple]], workers: int = 1, desc: str
         return [_call(j) for j in tqdm(jobs, desc=desc)]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(tqdm(pool.map(_call, jobs), total=len(jobs), desc=desc))
+
+# %% ../nbs/11_mediators.ipynb #b4e2a9d2
+def learned_the_data(name: str, correct: int, total: int, chance: float = 0.1, factor: float = 2.0) -> tuple[str, bool]:
+    "Whether `correct` of `total` samples recognised as their class put the 95% Wilson interval's lower end above `factor`·`chance`: -> (the condition in words with its numbers, met)."
+    if not (isinstance(total, int) and isinstance(correct, int) and 0 <= correct <= total and total > 0):
+        raise ValueError(f"need whole numbers 0 <= correct <= total with total > 0, got correct={correct!r}, total={total!r}")
+    if not 0 < chance < 1:
+        raise ValueError(f"chance must be in (0, 1), got {chance}")
+    if not (factor > 0 and factor * chance < 1):
+        raise ValueError(f"factor must be > 0 with factor·chance < 1, got factor={factor} (chance {chance})")
+    lo, hi = wilson_interval(correct, total)
+    floor = factor * chance
+    text = (f"{name}'s samples carry their class: class accuracy {correct / total:.3f} [95% Wilson {lo:.3f}, {hi:.3f}] "
+            f"over {total} samples; the floor is {factor:g}× chance ({floor:.2f}) for the lower end")
+    return text, bool(lo > floor)          # a Python bool: the ledger tests `is False`
 
 # %% ../nbs/11_mediators.ipynb #df27729e
 def plot_mediator_maps(model: DiT, x: Tensor, t: float, y: int, block: int = 0, head: int = 0):

@@ -221,3 +221,76 @@ def test_attention_along_sampling_records_every_sde_step():
     traj = attention_along_sampling(model, torch.arange(2), steps=5)
     assert len(traj) == 5 and len(traj[0]) == 2                 # 4 stochastic steps + the final mean step; 2 blocks
     torch.testing.assert_close(traj[0][0].sum(-1), torch.ones(2, 4, 64))
+
+
+def test_pairwise_jsd_equals_a_naive_loop():
+    from paperlab.mediators import pairwise_jsd
+    # JSD(p, q) = ½ KL(p‖m) + ½ KL(q‖m), m = (p + q)/2, in bits, one pair at a time (the fast form uses entropies)
+    a = (2 * torch.randn(2, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).softmax(-1)
+    a[0, 1] = a[0, 4]                                            # two identical rows: JSD exactly 0
+    naive = torch.zeros(2, 6, 6, dtype=torch.float64)
+    for h in range(2):
+        for i in range(6):
+            for j in range(6):
+                p, q = a[h, i], a[h, j]
+                m = (p + q) / 2
+                naive[h, i, j] = 0.5 * (p * (p / m).log2()).sum() + 0.5 * (q * (q / m).log2()).sum()
+    torch.testing.assert_close(pairwise_jsd(a), naive, rtol=0, atol=1e-12)
+    assert pairwise_jsd(a)[0, 1, 4].item() == 0.0
+
+
+def _wilson_lower(k: int, n: int, z: float = 1.959963984540054) -> float:
+    "Wilson score interval's lower end, written out (95%)."
+    p = k / n
+    return (p + z * z / (2 * n) - z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+
+
+def test_learned_the_data_is_the_wilson_lower_end_above_twice_chance():
+    from paperlab.mediators import learned_the_data
+    n = 300                                                      # e.g. 3 seeds × 100 samples
+    first = next(k for k in range(n + 1) if _wilson_lower(k, n) > 0.2)
+    assert 0.2 < first / n < 0.3
+    assert learned_the_data("a", first, n) == (learned_the_data("a", first, n)[0], True)
+    assert learned_the_data("a", first - 1, n)[1] is False
+    # the arms of issue 22's full run: class accuracy 0.09-0.14 over 3 × 160 samples, i.e. at chance: they must fail
+    for acc in (0.09, 0.14):
+        assert learned_the_data("softmax", round(acc * 480), 480)[1] is False
+    text, _ = learned_the_data("the softmax arm", 150, 300)
+    assert "0.500" in text and "2× chance (0.20)" in text and f"{_wilson_lower(150, 300):.3f}" in text
+    # another floor: three times chance of 4 classes
+    assert learned_the_data("a", 240, 300, chance=0.25, factor=3.0)[1] is (_wilson_lower(240, 300) > 0.75)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(correct=11, total=10), "0 <= correct <= total"),
+                                      (dict(correct=0, total=0), "total > 0"),
+                                      (dict(correct=2.5, total=10), "whole numbers"),
+                                      (dict(correct=5, total=10, chance=0.0), "chance must be in"),
+                                      (dict(correct=5, total=10, chance=0.6), "factor·chance < 1"),
+                                      (dict(correct=5, total=10, factor=-1.0), "factor must be > 0")])
+def test_learned_the_data_rejects_bad_counts(kw, match):
+    from paperlab.mediators import learned_the_data
+    with pytest.raises(ValueError, match=match):
+        learned_the_data("a", **kw)
+
+
+def test_run_arm_controls_use_the_untrained_model_and_leave_training_unchanged():
+    from paperlab.core import deterministic
+    from paperlab.diffusion import digits_for_diffusion, train_flow
+    from paperlab.mediators import redundancy_along_sampling, run_arm, toy_mediator_dit
+    train = dict(depth=1, hidden=32, steps=3, batch_size=4, lr=1e-3, n_samples=10, sample_steps=4, probes=2)
+    out = run_arm(None, 5, train)
+    # the redundancy control is the same model at its initial weights
+    deterministic(threads=1, seed=5)
+    untrained = toy_mediator_dit(None, 1, 32)
+    torch.testing.assert_close(out["redundancy_init"], redundancy_along_sampling(untrained, 2, 4, 5), rtol=0, atol=0)
+    assert not torch.allclose(out["redundancy"], out["redundancy_init"])
+    # measuring the control does not change the training: the same weights as a run without it
+    deterministic(threads=1, seed=5)
+    model = toy_mediator_dit(None, 1, 32)
+    xd, yd = digits_for_diffusion("train")
+    train_flow(model, xd, yd, steps=3, batch_size=4, lr=1e-3, seed=5, progress=False)
+    assert all(torch.equal(out["state"][k], v) for k, v in model.state_dict().items())
+    # the quality null: the same model, other noise; class counts for the precondition
+    assert out["fd_resample"] != out["fd"]
+    assert out["n_samples"] == 10 and out["class_k"] == round(out["class_acc"] * 10)
+    assert "redundancy_init" not in run_arm(4, 5, train)
