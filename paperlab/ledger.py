@@ -183,9 +183,7 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _require_controls() -> bool:
-    "TRANSITIONAL (removed once every chapter names its controls): refuse uncontrolled directional experiments unless PAPERLAB_REQUIRE_CONTROLS=0."
-    return os.environ.get("PAPERLAB_REQUIRE_CONTROLS", "0") != "0"
+
 
 
 @dataclass(frozen=True)
@@ -222,6 +220,9 @@ class Claim:
         ev = self.evidence or default_evidence(self.rule, self.timed)
         if ev not in EVIDENCE: raise ValueError(f"claim {self.id!r}: evidence must be one of {EVIDENCE}, got {ev!r}")
         object.__setattr__(self, "evidence", ev)
+        if isinstance(self.precondition_met, np.bool_): object.__setattr__(self, "precondition_met", bool(self.precondition_met))
+        if self.precondition_met is not None and not isinstance(self.precondition_met, bool):
+            raise TypeError(f"claim {self.id!r}: precondition_met must be a bool or None, got {self.precondition_met!r}")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"claim {self.id!r}: mode must be one of {MODES}, got {self.mode!r}")
         if self.interval is not None:
@@ -229,8 +230,7 @@ class Claim:
         if self.control is not None and not isinstance(self.control, Control):
             raise TypeError(f"claim {self.id!r}: control must be a Control, got {type(self.control).__name__}")
         self._check_bounds()
-        if (ev == "experiment" and self.rule.directional and self.control is None and not self.no_control_because
-                and _require_controls()):
+        if ev == "experiment" and self.rule.directional and self.control is None and not self.no_control_because:
             raise ValueError(f"claim {self.id!r}: a directional experiment names a control (an untrained model, the key part "
                              "removed, shuffled labels) or says why none applies (`no_control_because`)")
         verdict, why = self._judge()

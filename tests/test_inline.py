@@ -264,7 +264,6 @@ def test_controlled_claim_is_vacuous_when_the_untrained_arms_pass_too(mode, monk
     # the control is the same difference on the same seeds untrained: if it shows the gain too, the claim says nothing
     from paperlab.inline import controlled_paired
     from paperlab.ledger import SMOKE, Ledger
-    monkeypatch.setenv("PAPERLAB_REQUIRE_CONTROLS", "1")
     a, b = [60.0, 62.0, 58.0, 61.0, 59.0], [50.0, 51.0, 49.0, 52.0, 48.0]     # a − b: 10 ± 1.6, t-interval [8.0, 12.0]
     fair = experiment_rows({"inline + local": a, "linear": b})
     leaky = experiment_rows({"inline + local": a, "linear": b},
@@ -298,7 +297,6 @@ def test_accuracy_claims_credit_the_part_that_carries_the_gain(monkeypatch):
     # injectivity carries a 20 pp gain, the local term none: the headline (InLine + local vs linear) is credited to it
     from paperlab.inline import ACCURACY_CLAIMS, record_accuracy_claims
     from paperlab.ledger import Ledger
-    monkeypatch.setenv("PAPERLAB_REQUIRE_CONTROLS", "1")
     linear = [40.0, 45.0, 38.0, 50.0, 42.0, 47.0]
     no_local = [x + 20 + d for x, d in zip(linear, [1.0, -1.0, 2.0, -2.0, 0.5, -0.5])]
     local = [x + d for x, d in zip(no_local, [3.0, -4.0, 2.0, -3.0, 4.0, -1.0])]        # mean 1/6 pp: no clear gain

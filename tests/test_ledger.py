@@ -65,8 +65,7 @@ def test_no_direction_without_a_spread(m, rule):
     assert Claim("x", "x", None, "", m, rule(0.0), interval=(m, m), **NC).verdict == "inconclusive"
 
 
-def test_directional_experiment_needs_a_control(monkeypatch):
-    monkeypatch.setenv("PAPERLAB_REQUIRE_CONTROLS", "1")
+def test_directional_experiment_needs_a_control():
     with pytest.raises(ValueError, match="names a control"):
         Claim("x", "x", None, "", 0.5, above(0), interval=(0.1, 0.9))
     led = Ledger("t", mode="full")

@@ -235,7 +235,6 @@ def _ledger(rows, controls, mode="full") -> Ledger:
 def test_headline_gain_credited_to_shared_classifier(monkeypatch):
     # SMART beats FC-CLIP on every seed, the arm without both parts does not, and neither part passes its own ablation:
     # the ledger must credit the shared mask-token classifier, from the parts' verdicts (issue 22)
-    monkeypatch.setenv("PAPERLAB_REQUIRE_CONTROLS", "1")
     led = _ledger(_rows(token_frozen=[v + d for v, d in zip(FCCLIP, [-1.0, 0.5, -0.5, 0.2])]), _controls())
     h = led.headline()
     assert h.id == "smart-vs-fcclip-pq" and sum(c.headline for c in led.claims.values()) == 1
