@@ -35,8 +35,8 @@ __all__ = ['DARTS_PRIMITIVES', 'NB201_PRIMITIVES', 'PARAMETER_FREE', 'Genotype',
            'darts_pt_project', 'darts_pt_scores', 'darts_space_genotype', 'criterion_scores', 'bench_archs',
            'arch_index', 'fit_fixed', 'train_fixed', 'GroupedReLUConvBN', 'GroupedResBlock', 'GroupedInferCell',
            'GroupedNB201Network', 'fit_grouped', 'train_grouped', 'make_benchmark', 'load_benchmark',
-           'param_free_share', 'search_split', 'search_trial', 'genotype_param_free_share', 'darts_space_supernet',
-           'darts_space_trial']
+           'param_free_share', 'alpha_grad_term', 'search_split', 'search_trial', 'genotype_param_free_share',
+           'darts_space_supernet', 'darts_space_trial']
 
 # %% ../nbs/21_ostr_darts.ipynb #4d3b98fc
 DARTS_PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -1111,6 +1111,13 @@ def param_free_share(scores: Tensor, op_names: Sequence[str] = NB201_PRIMITIVES)
     return float(np.mean([op_names[int(i)] in PARAMETER_FREE_NB201 for i in scores.argmax(1)]))
 
 
+def alpha_grad_term(strength: Tensor, beta: Tensor) -> Tensor:
+    "The α-gradient term of the first-order strength: S_o = −ḡ·β_o − ∂L/∂α_o with ḡ = −Σ_k S_k, so −∂L/∂α_o = S_o − β_o·Σ_k S_k per edge; (E, O), (E, O) -> (E, O)."
+    if strength.shape != beta.shape or strength.dim() != 2:
+        raise ValueError(f"strength and beta must be (E, O) matrices of the same shape, got {tuple(strength.shape)} and {tuple(beta.shape)}")
+    return strength - beta * strength.sum(1, keepdim=True)
+
+
 def search_split(seed: int, size: int = 8, split_seed: int = 0):
     "The digits training split halved at random by `seed`: (θ half, α half) as TensorDatasets."
     from torch.utils.data import TensorDataset
@@ -1123,7 +1130,7 @@ def search_split(seed: int, size: int = 8, split_seed: int = 0):
 
 def search_trial(seed: int, checkpoints: Sequence[int], order: int = 1, C: int = 8, N: int = 1, val_size: int = 256,
                  pt_tune_epochs: int = 1, criteria: Sequence[str] = CRITERIA, progress: bool = False, a_lr: float = 3e-4) -> dict:
-    "One DARTS search on digits with the benchmark's supernet; per checkpoint epoch: α, β, strength, removal and the cell (bench index) of each criterion."
+    "One DARTS search on digits with the benchmark's supernet; per checkpoint epoch: α, β, strength, removal, the supernet's validation accuracy and the cell (bench index) of each criterion."
     checkpoints = sorted(set(checkpoints))
     if not checkpoints or checkpoints[0] < 1: raise ValueError(f"checkpoints must be positive epochs, got {checkpoints!r}")
     seed_everything(seed)
@@ -1136,7 +1143,8 @@ def search_trial(seed: int, checkpoints: Sequence[int], order: int = 1, C: int =
         if epoch not in checkpoints: return
         model.train()   # batch statistics, as the search and DARTS-PT's `infer(..., eval=False)` use
         rec = {"alpha": model.alphas.detach().tolist(), "beta": model.arch_weights()[0].detach().tolist(),
-               "strength": strength_scores(model, val)[0].tolist(), "removal": removal_scores(model, val)[0].tolist()}
+               "strength": strength_scores(model, val)[0].tolist(), "removal": removal_scores(model, val)[0].tolist(),
+               "supernet_acc": supernet_loss(model, val)[1]}    # has the supernet learnt the data? (the ledger's precondition)
         scores = {"magnitude": model.alphas.detach(), "strength": torch.tensor(rec["strength"]), "removal": torch.tensor(rec["removal"])}
         if "darts-pt" in criteria and epoch == checkpoints[-1]:
             scores["darts-pt"] = darts_pt_scores(model, tr, va, pt_tune_epochs, seed=seed, a_lr=a_lr)[0]
@@ -1176,10 +1184,10 @@ def darts_space_trial(seed: int, epochs: int, C: int = 4, layers: int = 3, steps
     out = {"seed": seed, "epochs": epochs, "beta": [b.detach().tolist() for b in net.arch_weights()], "genotypes": {}}
     for crit in tqdm(criteria, disable=not progress, desc="criteria"):
         if crit == "darts-pt":   # official: op projection, then topology projection; 'top2' ranks the inputs by the strength of their op
-            out["darts_pt_log"], t0 = [], time.perf_counter()  # decisions on the val_size batch, tuning epochs over the θ and α halves
+            out["darts_pt_log"], t0, c0 = [], time.perf_counter(), time.process_time()  # decisions on the val_size batch, tuning over the θ and α halves
             proj, dropped = darts_pt_project(net, tr, val_ds, pt_tune_epochs, seed=seed, batch_size=val_size, topology=True, a_lr=a_lr,
                                              tune_val_ds=va, log=out["darts_pt_log"])
-            out["darts_pt_seconds"] = time.perf_counter() - t0
+            out["darts_pt_seconds"], out["darts_pt_cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
             onehot = projected_weights(net, proj)
             genos = {"top2": net.genotype([torch.where(h > 0, s, -math.inf) for h, s in zip(onehot, strength)]),
                      "project": net.genotype(projected_weights(net, proj, dropped))}
@@ -1193,10 +1201,10 @@ def darts_space_trial(seed: int, epochs: int, C: int = 4, layers: int = 3, steps
                                                       param_free_normal=genotype_param_free_share(g, ("normal",)))
     out["darts_pt_variants"] = {}
     for order, tune_lr in pt_variants:
-        log, t0 = [], time.perf_counter()
+        log, t0, c0 = [], time.perf_counter(), time.process_time()
         proj, dropped = darts_pt_project(net, tr, val_ds, pt_tune_epochs, seed=seed, batch_size=val_size, topology=True, a_lr=a_lr,
                                          tune_val_ds=va, log=log, order=order, tune_lr=tune_lr)
         g = net.genotype(projected_weights(net, proj, dropped))
         out["darts_pt_variants"][f"{order}/{tune_lr}"] = dict(genotype=g._asdict(), param_free=genotype_param_free_share(g),
-                                                              seconds=time.perf_counter() - t0, log=log)
+                                                              seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, log=log)
     return out

@@ -15,7 +15,7 @@ from paperlab.ostr_darts import (CRITERIA, DARTS_V2, NB201_PRIMITIVES, DartsNetw
                                  nb201_from_str, nb201_op, nb201_str, official_name, removal_scores, search, search_trial,
                                  second_order_arch_grad, strength_scores, supernet_loss, GroupedNB201Network, darts_node_edges,
                                  darts_pt_scores, darts_space_genotype, fit_fixed, fit_grouped, project_edge, projected_weights,
-                                 darts_pt_project, darts_pt_plan, darts_pt_lr, DARTS_PRIMITIVES)
+                                 darts_pt_project, darts_pt_plan, darts_pt_lr, DARTS_PRIMITIVES, alpha_grad_term, search_split)
 
 DATA = repo_root() / "data" / "ostr_darts"
 G = DATA / "golden"
@@ -225,6 +225,37 @@ def test_strength_is_scaled_magnitude_minus_alpha_gradient():
     a = net.alphas.detach().clone().requires_grad_()
     ga = torch.autograd.grad(sum(torch.nn.functional.cross_entropy(net(x, [a.softmax(-1)]), y) * len(y) for x, y in data) / n, a)[0]
     np.testing.assert_allclose(S, -(beta.detach() * gb).sum(1, keepdim=True) * beta.detach() - ga, atol=1e-12)
+
+
+def test_alpha_grad_term_is_minus_the_alpha_gradient():
+    # the chapter's `alpha-grad` ablation selects by S − β·ΣS; it must be −∂L/∂α, here by autograd through the softmax (float64)
+    net, data = _tiny()
+    S, beta = strength_scores(net, data)[0], net.arch_weights()[0].detach()
+    a = net.alphas.detach().clone().requires_grad_()
+    n = sum(len(y) for _, y in data)
+    ga = torch.autograd.grad(sum(torch.nn.functional.cross_entropy(net(x, [a.softmax(-1)]), y) * len(y) for x, y in data) / n, a)[0]
+    np.testing.assert_allclose(alpha_grad_term(S, beta), -ga, atol=1e-12)
+    assert (alpha_grad_term(S, beta) - S).abs().max() > 1e-4        # and it is not the strength itself
+    with pytest.raises(ValueError, match="same shape"):
+        alpha_grad_term(S, beta[:2])
+
+
+def test_search_trial_records_the_supernets_own_accuracy():
+    # the ledger's precondition reads `supernet_acc`: the searched supernet's accuracy on the 256 validation images (train-mode BN),
+    # recomputed here from an independent rerun of the same search; one epoch lifts it well above chance (10%), an untrained one stays near it
+    from paperlab.core import seed_everything
+    r = search_trial(0, [1], criteria=("magnitude",), C=4)
+    seed_everything(0)
+    tr, va = search_split(0)
+    net = NB201SearchNetwork(C=4, N=1, max_nodes=3, num_classes=10, in_channels=1)
+    untrained = NB201SearchNetwork(C=4, N=1, max_nodes=3, num_classes=10, in_channels=1)
+    search(net, tr, va, 1, seed=0)
+    x, y = va.tensors[0][:256], va.tensors[1][:256]
+    with torch.no_grad():
+        acc = float((net.train()(x).argmax(1) == y).double().mean())
+        acc0 = float((untrained.train()(x).argmax(1) == y).double().mean())
+    assert r["checkpoints"][1]["supernet_acc"] == pytest.approx(acc, abs=1e-12)
+    assert acc > 0.3 and acc0 < 0.2
 
 
 def test_darts_pt_without_tuning_is_argmax_of_accuracy_drop_on_one_edge():
