@@ -137,7 +137,7 @@ def test_retention_and_layer_errors(small):
     with pytest.raises(ValueError, match="retention"): keep_count(36, 0)
     with pytest.raises(ValueError, match="retention"): top_visual(torch.rand(2, 36), 1.01)
     with pytest.raises(ValueError, match="beyond"):
-        with drop_visual_tokens(small, torch.zeros(1, 3, dtype=torch.long), small.cfg.num_layers): pass
+        with drop_visual_tokens(small, torch.arange(3)[None], small.cfg.num_layers): pass
     with pytest.raises(ValueError, match="visual indices"):
         sequence_keep_index(torch.tensor([[40]]), slice(1, 37), 50)
     assert keep_count(36, 0.09) == 3 and keep_count(36, 1.0) == 36
