@@ -25,6 +25,17 @@ def pair():
     return TinyVLM(VLM_SIZES["small"]).eval(), TinyVLM(VLM_SIZES["large"]).eval()
 
 
+
+def _finish_by_hand(large, h, P, K):
+    "Logits of `large` from hidden states `h` (B, L', D) at positions `P` (B, L'), run by hand through layers K.. with a causal mask."
+    lm = large.lm.model
+    n = P.shape[1]
+    cos_sin = lm.rotary_emb(h, P)
+    m4 = torch.zeros(h.shape[0], 1, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), torch.finfo(h.dtype).min)
+    for layer in lm.layers[K:]:
+        h = layer(h, attention_mask=m4, position_embeddings=cos_sin, position_ids=P)
+    return large.lm.lm_head(lm.norm(h))
+
 def test_golden_official_aggregation_and_pruning():
     g = np.load(GOLD)
     layout = slice(int(g["v0"]), int(g["v1"]) + 1)
@@ -74,11 +85,7 @@ def test_zero_kept_tokens_run_the_large_model_on_text_alone(pair):
         B, L = h.shape[:2]
         P = torch.cat([torch.arange(layout.start), torch.arange(layout.stop, L)]).expand(B, -1)
         h = h[:, P[0]]
-        cos_sin = lm.rotary_emb(h, P)
-        m4 = torch.zeros(B, 1, P.shape[1], P.shape[1]).masked_fill(~torch.ones(P.shape[1], P.shape[1], dtype=torch.bool).tril(), torch.finfo(h.dtype).min)
-        for layer in lm.layers[K:]:
-            h = layer(h, attention_mask=m4, position_embeddings=cos_sin, position_ids=P)
-        ref = large.lm.lm_head(lm.norm(h))
+        ref = _finish_by_hand(large, h, P, K)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     # with nothing kept every method answers alike: same accuracy, no recall, an undefined overlap
     small, _ = pair
@@ -188,11 +195,7 @@ def test_tome_in_the_language_model_matches_a_manual_merge(pair):
         h = torch.cat([h[:, :1], vis, h[:, layout.stop:]], 1)
         P = torch.cat([torch.zeros(B, 1, dtype=torch.long), pos + 1, torch.arange(layout.stop, L).expand(B, -1)], 1)
         assert (P.diff(1) > 0).all()  # merged tokens sit at their B token's position, in order
-        cos_sin = lm.rotary_emb(h, P)
-        m4 = torch.zeros(B, 1, P.shape[1], P.shape[1]).masked_fill(~torch.ones(P.shape[1], P.shape[1], dtype=torch.bool).tril(), torch.finfo(h.dtype).min)
-        for layer in lm.layers[K:]:
-            h = layer(h, attention_mask=m4, position_embeddings=cos_sin, position_ids=P)
-        ref = large.lm.lm_head(lm.norm(h))
+        ref = _finish_by_hand(large, h, P, K)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
