@@ -3,6 +3,18 @@ from configparser import ConfigParser
 from pathlib import Path
 
 import setuptools
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithBook(build_py):
+    "build_py that also copies the book's data/ and nbs/ into the wheel as paperlab/_book/ (read by paperlab.core.book_path)."
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False): return   # an editable install reads them from its checkout
+        for sub in ("data", "nbs"):
+            if Path(sub).is_dir():
+                self.copy_tree(sub, str(Path(self.build_lib) / cfg["lib_path"] / "_book" / sub))
 
 cfg = ConfigParser(delimiters=["="])
 cfg.read("settings.ini", encoding="utf-8")
@@ -33,4 +45,5 @@ setuptools.setup(
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
     },
     zip_safe=False,
+    cmdclass={"build_py": BuildPyWithBook},
 )

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import nbformat
 from tqdm.auto import tqdm
 
-from .core import MODES, atomic_write, get_mode, repo_root
+from .core import MODES, atomic_write, book_path, get_mode
 from .docs import _pid_alive, chapter_folder, chapter_name, executed_path, readable_results
 from .docs import recover_folder, saved_ledgers, swap_folder
 from .ledger import ledgers_markdown
@@ -33,8 +33,8 @@ __all__ = ['WIDGET_CELL_TIMEOUT', 'nbs_dir', 'chapters', 'resolve_chapters', 'Re
 
 # %% ../nbs/06_cli.ipynb #d21c3953
 def nbs_dir() -> Path:
-    "The notebooks folder of the checkout (`nbs_path` of settings.ini)."
-    return repo_root() / "nbs"
+    "The notebooks folder of the checkout, or the copy shipped in the installed package outside a checkout."
+    return book_path("nbs")
 
 
 def chapters(nbs: Path | None = None) -> dict[str, Path]:

@@ -25,9 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 # %% auto #0
-__all__ = ['MODES', 'get_mode', 'by_mode', 'seed_everything', 'machine_info', 'deterministic', 'repo_root', 'results_dir',
-           'atomic_write', 'save_figure', 'device_results', 'count_params', 'FlopCount', 'count_flops',
-           'median_interval', 'SpeedComparison', 'compare_speed', 'speed_table', 'timed', 'timed_frame', 'peak_memory']
+__all__ = ['MODES', 'get_mode', 'by_mode', 'seed_everything', 'machine_info', 'deterministic', 'repo_root', 'book_path',
+           'data_dir', 'cache_dir', 'cache_key', 'results_dir', 'atomic_write', 'save_figure', 'device_results',
+           'count_params', 'FlopCount', 'count_flops', 'median_interval', 'SpeedComparison', 'compare_speed',
+           'speed_table', 'timed', 'timed_frame', 'peak_memory']
 
 # %% ../nbs/00_core.ipynb #b797037b
 MODES = ("quick", "full")
@@ -84,13 +85,64 @@ def deterministic(threads: int = 1, seed: int | None = None) -> dict:
     return machine_info()
 
 # %% ../nbs/00_core.ipynb #46fac282
+def _is_checkout(path: Path) -> bool:
+    "Whether `path` is a paperlab checkout (its `settings.ini` beside the `paperlab` package)."
+    return (path / "settings.ini").exists() and (path / "paperlab").is_dir()
+
+
 def repo_root() -> Path:
-    "The repository root when paperlab runs from a checkout (has `settings.ini`), else the working directory."
+    """The checkout the book runs in: the working directory's (it or a parent of it), else the one this package was
+    installed from (an editable install), else the working directory (an installed wheel: results go there)."""
     here = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd()
-    for cand in (here, Path.cwd(), *Path.cwd().parents):
-        if (cand / "settings.ini").exists() and (cand / "paperlab").is_dir():
-            return cand
+    for cand in (Path.cwd(), *Path.cwd().parents, here):
+        if _is_checkout(cand): return cand
     return Path.cwd()
+
+
+def _shipped_book() -> Path:
+    "The copy of the book's `data/` and `nbs/` that a built wheel carries inside the package (`paperlab/_book/`)."
+    from importlib.resources import files
+    return Path(str(files("paperlab") / "_book"))
+
+
+def book_path(kind: str, *parts: str) -> Path:
+    "`<checkout>/<kind>/<parts>` (kind 'data' or 'nbs'), or the copy shipped in the installed package when no checkout is at hand."
+    if kind not in ("data", "nbs"): raise ValueError(f"kind must be 'data' or 'nbs', got {kind!r}")
+    root = repo_root()
+    base = root / kind if _is_checkout(root) else _shipped_book() / kind
+    if not base.is_dir() and _is_checkout(root):
+        raise FileNotFoundError(f"the checkout {root} has no {kind}/ folder")
+    if not base.is_dir():
+        raise FileNotFoundError(f"the book's {kind}/ folder is missing: {root} is not a checkout, and the installed package "
+                                f"ships none ({_shipped_book()}); reinstall paperlab from its wheel or run inside a checkout")
+    return base.joinpath(*parts)
+
+
+def data_dir(*parts: str) -> Path:
+    "The book's stored data: `data/<parts>` of the checkout, or of the package when paperlab is installed from a wheel."
+    return book_path("data", *parts)
+
+
+def cache_dir(*parts: str, create: bool = True) -> Path:
+    """Where trained caches live: `$PAPERLAB_CACHE`, else the user cache folder (platformdirs); created unless
+    `create=False`. The book never writes into `data/`, which holds what it ships."""
+    env = os.environ.get("PAPERLAB_CACHE")
+    if env is not None and not env.strip(): raise ValueError("PAPERLAB_CACHE is set but empty: unset it or give a folder")
+    if env: base = Path(env)
+    else:
+        import platformdirs
+        base = Path(platformdirs.user_cache_dir("paperlab"))
+    path = base.joinpath(*parts)
+    if create: path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_key(**kwargs) -> str:
+    "A 16-hex-digit digest of keyword arguments (dataclasses as dicts, JSON with sorted keys): a cache file's name part."
+    from dataclasses import asdict, is_dataclass
+    text = json.dumps({k: asdict(v) if is_dataclass(v) else v for k, v in kwargs.items()}, sort_keys=True, default=str)
+    import hashlib
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def results_dir(chapter: str | None = None, create: bool = True) -> Path:
@@ -133,7 +185,7 @@ def save_figure(fig, chapter: str, name: str) -> Path:
 # %% ../nbs/00_core.ipynb #73298d4e
 def device_results(name: str) -> dict:
     "A stored GPU measurement, `data/gpu/<name>.json` (written by `scripts/device_checks.sh`); its 'env' names the card and versions."
-    path = repo_root() / "data" / "gpu" / f"{name}.json"
+    path = data_dir("gpu", f"{name}.json")
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.json"))
         raise FileNotFoundError(f"no stored GPU measurement {name!r} in data/gpu/ (have {known}); "

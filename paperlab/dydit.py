@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .attention import merge_heads, softmax_attention, split_heads
-from .core import count_flops, count_params, repo_root
+from .core import count_flops, count_params, data_dir
 from .diffusion import DiT, DiTBlock, DiTConfig, dit_config, drop_labels, euler_sample, modulate
 
 # %% auto #0
@@ -547,7 +547,7 @@ def finetune_dydit(model: DyDiT, x: Tensor, y: Tensor, lam: float, steps: int, b
 # %% ../nbs/12_dydit.ipynb #8811789c
 def paper_numbers() -> dict:
     "The paper's, the official README's and the DiT paper's numbers, shipped in `data/dydit/paper_numbers.json`."
-    return json.loads((repo_root() / "data" / "dydit" / "paper_numbers.json").read_text())
+    return json.loads((data_dir() / "dydit" / "paper_numbers.json").read_text())
 
 
 def model_cost(name: str, lam: float = 0.5) -> dict:

@@ -24,13 +24,13 @@ if TYPE_CHECKING:
     from diffusers import VQModel
 
 # %% auto #0
-__all__ = ['ENAT_CONFIGS', 'GOLDEN_MODEL', 'VQ_CONFIG', 'REUSE_MODES', 'ENATConfig', 'enat_config', 'SCAttention', 'ENATBlock',
-           'TokenEmbedding', 'MlmHead', 'PrevProj', 'ENAT', 'beta_order_stat', 'nat_mask', 'extra_mask', 'nat_loss',
-           'ema_update', 'init_nat', 'NATRun', 'train_nat', 'official_name_map', 'load_golden', 'cosine_mask_counts',
-           'masked_inputs', 'gumbel', 'StepTrace', 'generate', 'block_macs', 'forward_macs', 'generation_macs',
-           'full_size_params', 'vq_decoder_macs', 'make_vq', 'train_vq', 'vq_encode', 'vq_decode', 'digits_vq',
-           'match_width', 'block_attention', 'masked_loss', 'step_similarity', 'schedule_masks', 'stale_forward',
-           'schedule_losses', 'schedule_loss', 'class_position_table', 'table_loss']
+__all__ = ['ENAT_CONFIGS', 'GOLDEN_MODEL', 'VQ_CONFIG', 'VQ_SHIPPED_STEPS', 'REUSE_MODES', 'ENATConfig', 'enat_config',
+           'SCAttention', 'ENATBlock', 'TokenEmbedding', 'MlmHead', 'PrevProj', 'ENAT', 'beta_order_stat', 'nat_mask',
+           'extra_mask', 'nat_loss', 'ema_update', 'init_nat', 'NATRun', 'train_nat', 'official_name_map',
+           'load_golden', 'cosine_mask_counts', 'masked_inputs', 'gumbel', 'StepTrace', 'generate', 'block_macs',
+           'forward_macs', 'generation_macs', 'full_size_params', 'vq_decoder_macs', 'make_vq', 'train_vq', 'vq_encode',
+           'vq_decode', 'digits_vq', 'match_width', 'block_attention', 'masked_loss', 'step_similarity',
+           'schedule_masks', 'stale_forward', 'schedule_losses', 'schedule_loss', 'class_position_table', 'table_loss']
 
 # %% ../nbs/13_enat.ipynb #6420d3d4
 @dataclass(frozen=True)
@@ -410,8 +410,8 @@ def official_name_map(state: dict) -> dict:
 
 def load_golden() -> dict:
     "The official code's outputs stored under data/enat/golden/ (see its README)."
-    from paperlab.core import repo_root
-    return torch.load(repo_root() / "data" / "enat" / "golden" / "enat_official.pt", weights_only=True)
+    from paperlab.core import data_dir
+    return torch.load(data_dir() / "enat" / "golden" / "enat_official.pt", weights_only=True)
 
 
 GOLDEN_MODEL = dict(input_size=4, codebook_size=16, hidden_size=16, num_heads=2, enc_dec=(2, 1), num_classes=10, prev_embedder=True)
@@ -524,8 +524,8 @@ def full_size_params(name: str, **overrides) -> dict[str, int]:
 def vq_decoder_macs(input_size: int) -> int:
     "Multiply-adds of the official VQGAN decoder for one image with an `input_size`² token grid (counted on the official code, stored under data/enat/golden/)."
     import json
-    from paperlab.core import repo_root
-    table = json.loads((repo_root() / "data" / "enat" / "golden" / "vq_decoder_macs.json").read_text())["vq_decoder_macs"]
+    from paperlab.core import data_dir
+    table = json.loads((data_dir() / "enat" / "golden" / "vq_decoder_macs.json").read_text())["vq_decoder_macs"]
     key = str(16 * input_size)
     if key not in table:
         raise ValueError(f"no VQ decoder count for a {input_size}×{input_size} grid ({key} px); have {sorted(table)} px")
@@ -573,17 +573,27 @@ def vq_decode(vq, ids: Tensor) -> Tensor:
     return vq.decode(q, force_not_quantize=True).sample
 
 # %% ../nbs/13_enat.ipynb #82715a71
-def digits_vq(steps: int = 600, retrain: bool = False, progress: bool = True) -> "VQModel":
-    "The chapter's trained digits tokenizer: loaded from data/enat/vq_digits.pt, or trained (`steps`) and cached there."
-    from paperlab.core import atomic_write, repo_root
+VQ_SHIPPED_STEPS = 600   # data/enat/vq_digits.pt is train_vq(digits, 600) stored in float16
+
+
+def digits_vq(steps: int = VQ_SHIPPED_STEPS, retrain: bool = False, progress: bool = True) -> "VQModel":
+    """The chapter's trained digits tokenizer: the shipped `data/enat/vq_digits.pt` for the default `steps`, else one
+    trained for `steps` and cached by that key in the user cache folder (`paperlab.core.cache_dir`); `retrain` trains
+    afresh and refreshes that cache. Nothing is written into `data/`."""
+    from paperlab.core import atomic_write, cache_dir, cache_key, data_dir
     from paperlab.diffusion import digits_for_diffusion
-    path = repo_root() / "data" / "enat" / "vq_digits.pt"
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    shipped = data_dir("enat", "vq_digits.pt")
+    cached = cache_dir("enat", create=False) / f"vq_digits-{cache_key(steps=steps, recipe='vq-v1')}.pt"
     vq = make_vq()
-    if path.exists() and not retrain:
-        vq.load_state_dict({k: v.float() for k, v in torch.load(path, weights_only=True).items()})
-        return vq.eval()
+    if not retrain:
+        for path in ([shipped] if steps == VQ_SHIPPED_STEPS else []) + [cached]:
+            if path.exists():
+                vq.load_state_dict({k: v.float() for k, v in torch.load(path, weights_only=True).items()})
+                return vq.eval()
     vq = train_vq(digits_for_diffusion("train")[0], steps, progress=progress)
-    atomic_write(path, lambda p: torch.save({k: v.half() for k, v in vq.state_dict().items()}, p))
+    atomic_write(cached, lambda p: torch.save({k: v.half() for k, v in vq.state_dict().items()}, p))
     return vq
 
 # %% ../nbs/13_enat.ipynb #d1ea1f4e

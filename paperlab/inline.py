@@ -23,7 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from .attention import QKVAttention, check_heads, get_attention, merge_heads
-from .core import count_flops, count_params, repo_root
+from .core import count_flops, count_params, data_dir
 from .ledger import Claim, Ledger, paired_control
 
 
@@ -294,7 +294,7 @@ def from_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def load_golden(name: str) -> tuple[dict[str, np.ndarray], dict[str, Tensor]]:
     "Arrays of `data/inline/golden/<name>.npz` and its weights as a float64 state dict in paperlab's names."
-    z = np.load(repo_root() / "data" / "inline" / "golden" / f"{name}.npz")
+    z = np.load(data_dir() / "inline" / "golden" / f"{name}.npz")
     arrays = {k: z[k] for k in z.files}
     weights = {k[2:]: torch.from_numpy(v).double() for k, v in arrays.items() if k.startswith("w/")}
     return arrays, from_official(weights)
@@ -325,7 +325,7 @@ def golden_error(case: str, module: nn.Module, call: Callable) -> float:
 # %% ../nbs/10_inline.ipynb #425adbd0
 def paper_numbers() -> dict:
     "The InLine paper's reported numbers, shipped in `data/inline/paper_numbers.json`."
-    return json.loads((repo_root() / "data" / "inline" / "paper_numbers.json").read_text())
+    return json.loads((data_dir() / "inline" / "paper_numbers.json").read_text())
 
 
 def model_cost(name: str) -> dict:

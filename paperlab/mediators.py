@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .attention import (QKVAttention, mediator_attention, mediator_attention_weights, mediator_weights_pair,
                                 merge_heads, softmax_attention_weights)
-from .core import count_flops, count_params, deterministic, repo_root
+from .core import count_flops, count_params, deterministic, data_dir
 from .diffusion import (DiT, DiTConfig, SelfAttention, _model_dtype, digits_for_diffusion, dit_config, euler_sample,
                                 guided_velocity, sde_last_step, sde_sample, sde_step, sde_times, tiny_dit_config, train_flow)
 from .ledger import wilson_interval
@@ -103,7 +103,7 @@ def mediator_sit(name: str, num_mediators: int, **overrides) -> DiT:
 
 def paper_numbers() -> dict:
     "The paper's and the official code's numbers, shipped in `data/mediators/paper_numbers.json`."
-    return json.loads((repo_root() / "data" / "mediators" / "paper_numbers.json").read_text())
+    return json.loads((data_dir() / "mediators" / "paper_numbers.json").read_text())
 
 
 def model_cost(name: str, num_mediators: int | None = None) -> dict:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .core import repo_root, seed_everything
+from .core import data_dir, seed_everything
 
 # %% auto #0
 __all__ = ['DARTS_PRIMITIVES', 'NB201_PRIMITIVES', 'PARAMETER_FREE', 'Genotype', 'DARTS_V2', 'CRITERIA', 'LossFn',
@@ -1100,7 +1100,7 @@ def make_benchmark(config: dict = BENCH_CONFIG, progress: bool = True) -> dict:
 
 def load_benchmark(path=None) -> dict:
     "The stored benchmark (`data/ostr_darts/benchmark.json`): config, cell strings and test accuracies (125, seeds)."
-    return json.loads((path or repo_root() / "data" / "ostr_darts" / "benchmark.json").read_text())
+    return json.loads((path or data_dir() / "ostr_darts" / "benchmark.json").read_text())
 
 # %% ../nbs/21_ostr_darts.ipynb #3d493cc3
 PARAMETER_FREE_NB201 = ("none", "skip_connect", "avg_pool_3x3")

@@ -22,7 +22,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import SpeedComparison, atomic_write, repo_root, seed_everything
+from .core import SpeedComparison, atomic_write, cache_dir, data_dir, seed_everything
 from .data import PALETTE, SHAPE_CLASSES, shape_mask
 from .ledger import Claim, Ledger, below, paired_control
 from .train import cosine_lr, param_groups
@@ -237,26 +237,37 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as f: np.savez(f, **arrays)
 
 
-def cached_module(path: Path, key: str, build, train) -> nn.Module:
-    "`build()` with the weights stored in the .npz at `path` if its key is `key`, else `train()`, stored atomically."
-    if path.exists():
-        with np.load(path) as z:
-            if str(z["__key__"]) == key:
-                m = build()
-                m.load_state_dict({k: torch.from_numpy(z[k].copy()) for k in z.files if k != "__key__"})
-                return m.eval()
+def cached_module(path: Path, key: str, build, train, cache: Path | None = None) -> nn.Module:
+    """`build()` with the weights of the .npz at `path` if its stored key is `key`, else those of `cache` (default:
+    `path` itself) if its key is, else `train()`, stored atomically in `cache`. The book passes its shipped file as
+    `path` and a file of the user cache folder, named by the key, as `cache`: it never writes into `data/`."""
+    cache = Path(cache) if cache is not None else Path(path)
+    for p in dict.fromkeys([Path(path), cache]):
+        if p.exists():
+            with np.load(p) as z:
+                if "__key__" in z.files and str(z["__key__"]) == key:
+                    m = build()
+                    m.load_state_dict({k: torch.from_numpy(z[k].copy()) for k in z.files if k != "__key__"})
+                    return m.eval()
     m = train()
     state = {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}
-    atomic_write(path, lambda p: _save_npz(p, {"__key__": np.array(key), **state}))
+    atomic_write(cache, lambda p: _save_npz(p, {"__key__": np.array(key), **state}))
     return m.eval()
+
+
+def _shipped_and_cache(name: str, key: str, path: Path | None) -> tuple[Path, Path]:
+    "A cached model's two files: the shipped `data/smart/<name>.npz` and `<cache>/smart/<name>-<key>.npz`; or `path` for both."
+    if path is not None: return Path(path), Path(path)
+    return data_dir("smart", f"{name}.npz"), cache_dir("smart", create=False) / f"{name}-{key}.npz"
 
 
 def pretrained_clip(cfg: TinyClipConfig = TinyClipConfig(), steps: int = 1000, seed: int = 0,
                     path: Path | None = None) -> open_clip.CLIP:
-    "The pretrained small CLIP from `data/smart/clip_tiny.npz`, retrained and re-cached if its key differs."
-    path = Path(path) if path else repo_root() / "data" / "smart" / "clip_tiny.npz"
+    """The pretrained small CLIP: the shipped `data/smart/clip_tiny.npz` when its key (config, steps, seed) matches,
+    else trained once and cached by that key in the user cache folder (`paperlab.core.cache_dir`), or at `path`."""
     key = _cache_key(cfg=cfg, steps=steps, seed=seed, recipe="clip-v1")
-    return cached_module(path, key, lambda: tiny_clip(cfg), lambda: pretrain_clip(cfg, steps, seed=seed))
+    shipped, cache = _shipped_and_cache("clip_tiny", key, path)
+    return cached_module(shipped, key, lambda: tiny_clip(cfg), lambda: pretrain_clip(cfg, steps, seed=seed), cache=cache)
 
 # %% ../nbs/33_smart.ipynb #86944909
 def mask_pooling(x: Tensor, mask: Tensor) -> Tensor:
@@ -521,13 +532,14 @@ def train_mask_generator(clip: open_clip.CLIP, train: Sequence[dict], cfg: MaskG
 
 def trained_mask_generator(clip: open_clip.CLIP, n_train: int = 1500, steps: int = 400, seed: int = 0,
                            cfg: MaskGeneratorConfig = MaskGeneratorConfig(), path: Path | None = None) -> MaskGenerator:
-    "The mask generator cached in `data/smart/mask_generator.npz` (trained on `n_train` seen-class scenes if the key differs)."
-    path = Path(path) if path else repo_root() / "data" / "smart" / "mask_generator.npz"
+    """The mask generator shipped in `data/smart/mask_generator.npz` when its key matches, else trained on `n_train`
+    seen-class scenes and cached by its key in the user cache folder (or at `path`)."""
     clip_sig = float(sum(p.detach().double().sum() for p in clip.parameters()))
     key = _cache_key(cfg=cfg, n_train=n_train, steps=steps, seed=seed, clip=round(clip_sig, 6), recipe="maskgen-v1")
     build = lambda: MaskGenerator(cfg, clip.visual.transformer.width, clip.text_projection.shape[1], clip.visual.grid_size[0])
     train = lambda: train_mask_generator(clip, train_scenes(n_train, seed), cfg, steps, seed=seed)
-    return cached_module(path, key, build, train)
+    shipped, cache = _shipped_and_cache("mask_generator", key, path)
+    return cached_module(shipped, key, build, train, cache=cache)
 
 
 def train_scenes(n: int, seed: int) -> list[dict]:

@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 from torchmetrics.functional.classification import multiclass_accuracy
 from tqdm.auto import tqdm
 
-from .core import repo_root, seed_everything
+from .core import data_dir, seed_everything
 
 # %% auto #0
 __all__ = ['CORRELATIONS', 'IMBALANCES', 'PAPER_FACTORS', 'CORRUPTIONS', 'FILTER_RULES', 'ratio_list', 'compatible',
@@ -994,4 +994,4 @@ def run_benchmark(methods: dict, model: nn.Module, ds: TensorDataset, codes: Seq
 # %% ../nbs/20_unitta.ipynb #ecec7324
 def paper_numbers() -> dict:
     "The paper's and the official code's numbers, shipped in `data/unitta/paper_numbers.json`."
-    return json.loads((repo_root() / "data" / "unitta" / "paper_numbers.json").read_text())
+    return json.loads((data_dir() / "unitta" / "paper_numbers.json").read_text())
