@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import html
 import json
+import math
 import os
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -22,14 +25,15 @@ from typing import Callable, Sequence
 import nbformat
 from tqdm.auto import tqdm
 
-from .core import MODES, atomic_write, book_path, get_mode
+from .core import MODES, atomic_write, book_path, get_mode, machine_info
 from .docs import _pid_alive, chapter_folder, chapter_name, executed_path, readable_results
 from .docs import recover_folder, saved_ledgers, swap_folder
-from .ledger import ledgers_markdown
+from .ledger import TIMING_LOCK_ENV, TIMING_WAITS_ENV, ledgers_markdown
 
 # %% auto #0
-__all__ = ['WIDGET_CELL_TIMEOUT', 'nbs_dir', 'chapters', 'resolve_chapters', 'Refused', 'chapter_lock', 'saved_run',
-           'full_run_at_risk', 'writable_results', 'ChapterInterrupted', 'run_chapter', 'parser', 'main']
+__all__ = ['WIDGET_CELL_TIMEOUT', 'BUDGET_S', 'BUDGET_SLACK', 'nbs_dir', 'chapters', 'resolve_chapters', 'Refused',
+           'chapter_lock', 'saved_run', 'full_run_at_risk', 'writable_results', 'ChapterInterrupted', 'run_chapter',
+           'settle_progress_bars', 'stored_time', 'stored_times', 'over_budget', 'times_markdown', 'parser', 'main']
 
 # %% ../nbs/06_cli.ipynb #d21c3953
 def nbs_dir() -> Path:
@@ -199,6 +203,76 @@ def run_chapter(name: str, nb_path: Path, mode: str | None = None, results: Path
         return _execute_chapter(name, Path(nb_path), mode, results, timeout, progress)
 
 
+BUDGET_S = {"quick": 60, "full": 360}   # the wall time one chapter may take: a minute in quick mode, six in full mode
+BUDGET_SLACK = 0.2                      # a stored run over its budget by more than this share fails `paperlab times --check`
+
+
+def _children_cpu() -> float:
+    "CPU seconds (user + system) of this process's children that have ended and been waited for: a finished kernel and what it started."
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _waited(log: Path) -> float:
+    "Seconds a run's kernel waited for the timing lock, summed from the log `timing_lock` writes (0 if it never took it)."
+    try: return sum(float(x) for x in log.read_text().split())
+    except (OSError, ValueError): return 0.0
+
+
+_WIDGET_STATE, _WIDGET_VIEW = "application/vnd.jupyter.widget-state+json", "application/vnd.jupyter.widget-view+json"
+
+
+_TQDM_TEXT = re.compile(r"\d%\||\d\w* \[[\d:]+(<[\d:?]+)?, ")   # "  0%|   | 0/4 [00:00<?, ?it/s]", "0it [00:00, ?it/s]"
+
+
+def _bar_text(models: dict, model_id: str, shown: str) -> str | None:
+    "The text form of the tqdm bar drawn by widget `model_id` (first shown as `shown`) in its final state, from the stored widget `models`; None if it is not a tqdm bar."
+    from tqdm.std import Bar
+    if not _TQDM_TEXT.search(shown): return None
+
+    def get(ref) -> tuple[str | None, dict]:
+        "A model's name and state, by id or by an 'IPY_MODEL_<id>' reference."
+        ref = ref[len("IPY_MODEL_"):] if isinstance(ref, str) and ref.startswith("IPY_MODEL_") else ref
+        m = models.get(ref) or {}
+        return m.get("model_name"), m.get("state") or {}
+
+    kind, box = get(model_id)
+    parts = [get(c) for c in box.get("children") or []]
+    if kind != "HBoxModel" or [k for k, _ in parts] not in (["HTMLModel", p, "HTMLModel"] for p in ("FloatProgressModel", "IntProgressModel")):
+        return None
+    (_, ltext), (_, pbar), (_, rtext) = parts
+    left, right = (html.unescape(s.get("value") or "").replace("\u2007", " ") for s in (ltext, rtext))
+    unknown = re.fullmatch(r"\s*([\d.]+[kMGTPEZY]?)/\? *(\[.*\])", right)
+    if unknown:   # no total: the terminal form is the count and its unit, then elapsed time and rate ("7it [00:01, 5.2it/s]")
+        count, bracket = unknown.groups()
+        head = re.fullmatch(r"(.*?)[\d.]+[kMGTPEZY]?(\w*) (\[.*\])", shown)
+        return None if head is None else f"{head.group(1)}{count}{head.group(2)} {re.sub(r'<[^,]*', '', bracket)}"
+    if not left: return None
+    n, total = float(pbar.get("value") or 0), float(pbar.get("max") or 0)
+    if get(box.get("layout"))[1].get("visibility") == "hidden" and total > 0:
+        # closed with leave=False: tqdm hid the bar without a last refresh of its texts; its count is the final one
+        left = re.sub(r"[ \d]{2}\d%$", f"{100 * n / total:3.0f}%", left)
+        right = re.sub(r"^(\s*)[\d.]+(?=/)", lambda m: m.group(1) + (f"{n:.0f}" if n.is_integer() else f"{n:g}"), right)
+    frac = min(max(n / total, 0.0), 1.0) if total > 0 else 0.0
+    return f"{left}|{format(Bar(frac, 10, charset=Bar.UTF), '')}|{right}"
+
+
+def settle_progress_bars(nb) -> int:
+    "Give each tqdm bar of an executed notebook the text of its final state (from the widget state nbclient stored) in place of the 0 % it was displayed with; return how many."
+    models = ((nb.metadata.get("widgets") or {}).get(_WIDGET_STATE) or {}).get("state") or {}
+    done = 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data") or {}
+            view = data.get(_WIDGET_VIEW) or {}
+            shown = data.get("text/plain")
+            text = _bar_text(models, view.get("model_id"), "".join(shown)) if shown and view else None
+            if text is not None:
+                data["text/plain"] = text
+                done += 1
+    return done
+
+
 def _execute_chapter(name: str, nb_path: Path, mode: str, results: Path, timeout: int | None, progress: bool) -> Path:
     "The body of `run_chapter`, run while it holds the lock: execute into a staging folder, then swap it in."
     from nbclient import NotebookClient
@@ -208,7 +282,10 @@ def _execute_chapter(name: str, nb_path: Path, mode: str, results: Path, timeout
     stage.mkdir(parents=True, exist_ok=True)
     nb = nbformat.read(nb_path, as_version=4)
     n_code = sum(c.cell_type == "code" for c in nb.cells)
+    waits = stage_root / "timing-waits.txt"
     env = {"PAPERLAB_MODE": mode, "PAPERLAB_RESULTS": str(stage_root), "PAPERLAB_LEDGERS": str(results),
+           # one timing lock per results folder: chapters run side by side take turns to time (`timing_lock`)
+           TIMING_LOCK_ENV: str(results / ".timing.lock"), TIMING_WAITS_ENV: str(waits),
            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
            # the kernel spec says `python`: make it this interpreter (the venv's), whatever PATH the caller has
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -226,14 +303,22 @@ def _execute_chapter(name: str, nb_path: Path, mode: str, results: Path, timeout
                             on_cell_executed=lambda **kw: bar.update(1) if kw["cell"].cell_type == "code" else None)
     try:
         os.environ.update(env)
-        t0 = time.time()
+        cpu0, t0 = _children_cpu(), time.time()
         # the kernel's own stderr (start-up warnings) goes to a log in the staging folder, not into the caller's output
         with open(stage_root / "kernel.log", "w") as kernel_log:
             _execute_interruptibly(client, interrupted, stderr=kernel_log)
-        nb.metadata["paperlab"] = {"mode": mode, "seconds": round(time.time() - t0, 1), "chapter": name,
-                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        wall, cpu = time.time() - t0, _children_cpu() - cpu0   # nbclient has shut the kernel down and waited for it
+        finished = time.strftime("%Y-%m-%dT%H:%M:%S")
+        timing = {"chapter": name, "mode": mode, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                  "lock_wait_s": round(_waited(waits), 1), "budget_s": BUDGET_S[mode], "finished": finished,
+                  "machine": {k: machine_info()[k] for k in ("cpu", "cores")}}
+        nb.metadata["paperlab"] = {"mode": mode, "seconds": timing["wall_s"], "cpu_seconds": timing["cpu_s"],
+                                   "lock_wait_seconds": timing["lock_wait_s"], "budget_seconds": timing["budget_s"],
+                                   "chapter": name, "finished": finished}
+        settle_progress_bars(nb)
         out = stage / nb_path.name
         atomic_write(out, nbformat.writes(nb))
+        atomic_write(stage / "timing.json", json.dumps(timing, indent=1))
         _swap_in(stage, results / name)
         (results / f"{name}.failed.ipynb").unlink(missing_ok=True)   # an earlier failure, superseded
         return results / name / nb_path.name
@@ -267,6 +352,82 @@ def _list(args) -> int:
     return 0
 
 
+def stored_time(folder: Path) -> dict | None:
+    "The times of the run stored in `folder`: its timing.json, else its executed notebook's metadata (wall time only); None if neither."
+    path = Path(folder) / "timing.json"
+    if path.exists():
+        try: t = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e: raise ValueError(f"{path}: unreadable ({e})") from None
+        t = t if isinstance(t, dict) else {}
+        wall = t.get("wall_s")
+        if t.get("mode") not in MODES or not isinstance(wall, (int, float)) or not math.isfinite(wall):
+            raise ValueError(f"{path}: a stored time names its mode {MODES} and its wall_s in seconds")
+        return {"lock_wait_s": 0.0, "cpu_s": None, **t, "source": str(path)}
+    for nb_file in sorted(Path(folder).glob("*.ipynb")):
+        try: meta = json.loads(nb_file.read_text(encoding="utf-8")).get("metadata", {}).get("paperlab", {})
+        except (OSError, ValueError, AttributeError): continue
+        if meta.get("mode") in MODES and isinstance(meta.get("seconds"), (int, float)):
+            return {"chapter": meta.get("chapter", Path(folder).name), "mode": meta["mode"], "wall_s": meta["seconds"],
+                    "cpu_s": meta.get("cpu_seconds"), "lock_wait_s": meta.get("lock_wait_seconds") or 0.0,
+                    "budget_s": BUDGET_S[meta["mode"]], "source": str(nb_file)}
+    return None
+
+
+def stored_times(results: Path | None = None) -> dict[str, dict]:
+    "The stored time of every chapter run under `results` (`stored_time`), by chapter; a `.<chapter>.old` copy stands in for a missing folder."
+    results = readable_results(results)
+    if not results.is_dir(): return {}
+    names = {p.name for p in results.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    names |= {p.name[1:-len(".old")] for p in results.glob(".*.old") if p.is_dir()}
+    found = {n: stored_time(chapter_folder(results, n)) for n in sorted(names)}
+    return {n: t for n, t in found.items() if t is not None}
+
+
+def _own_seconds(t: dict) -> float:
+    "A run's own wall time: its wall time less its waits for another chapter's timed section."
+    return t["wall_s"] - (t.get("lock_wait_s") or 0.0)
+
+
+def _budget_status(t: dict) -> str:
+    "Whether a stored run kept its mode's budget: 'yes', or by how much it went over."
+    budget = BUDGET_S[t["mode"]]
+    over = _own_seconds(t) / budget - 1
+    if over <= 0: return "yes"
+    return f"no: +{over:.0%}" + (f", over the {BUDGET_SLACK:.0%} slack" if over > BUDGET_SLACK else "")
+
+
+def over_budget(times: dict[str, dict], slack: float = BUDGET_SLACK) -> list[str]:
+    "One line per stored run whose own wall time is over its mode's budget by more than `slack`, naming it and where it is stored."
+    lines = []
+    for name, t in times.items():
+        budget, own = BUDGET_S[t["mode"]], _own_seconds(t)
+        if own > budget * (1 + slack):
+            lines.append(f"{name}: its {t['mode']}-mode run took {own:.1f} s of wall time (less {t.get('lock_wait_s') or 0:.1f} s "
+                         f"waiting for the timing lock), over its budget of {budget} s by {own / budget - 1:.0%} "
+                         f"(allowed: {slack:.0%}); stored in {t.get('source', '?')}")
+    return lines
+
+
+def times_markdown(times: dict[str, dict]) -> str:
+    "A table of chapter runs: wall time, CPU time, time waited for the timing lock, the mode's budget and whether the run kept it."
+    out = "| chapter | mode | wall s | CPU s | waited s | budget s | within budget |\n|---|---|---|---|---|---|---|\n"
+    for name, t in times.items():
+        cpu = "—" if t.get("cpu_s") is None else f"{t['cpu_s']:.1f}"
+        status = "failed" if t.get("failed") else _budget_status(t)
+        out += (f"| {name} | {t['mode']} | {t['wall_s']:.1f} | {cpu} | {t.get('lock_wait_s') or 0:.1f} "
+                f"| {BUDGET_S[t['mode']]} | {status} |\n")
+    cpus = [t["cpu_s"] for t in times.values() if t.get("cpu_s") is not None]
+    return out + f"| total | | {sum(t['wall_s'] for t in times.values()):.1f} | {sum(cpus):.1f} | | | |\n"
+
+
+def _time_line(t: dict) -> str:
+    "A run's times and budget in one line: 'wall 41.2 s, CPU 39.8 s, budget 60 s'."
+    cpu = "" if t.get("cpu_s") is None else f", CPU {t['cpu_s']:.1f} s"
+    waited = f", {t['lock_wait_s']:.1f} s of it waiting for the timing lock" if t.get("lock_wait_s") else ""
+    status = _budget_status(t)
+    return f"wall {t['wall_s']:.1f} s{waited}{cpu}, budget {BUDGET_S[t['mode']]} s" + ("" if status == "yes" else f" ({status})")
+
+
 def _reproduce(args) -> int:
     "Execute the chosen chapters; 1 if any fails, 2 if any was refused (busy, or quick over full), 130 when interrupted."
     from nbclient.exceptions import CellTimeoutError
@@ -288,7 +449,8 @@ def _reproduce(args) -> int:
             except CellTimeoutError:   # a widget cell that hung nbclient (jupyter/nbclient#312): one more try, then give up
                 print(f"{name}: a cell timed out; running the chapter once more", file=sys.stderr)
                 out = run()
-            print(f"{name}: ok -> {out}")
+            times[name] = stored_time(out.parent)
+            print(f"{name}: ok -> {out} ({_time_line(times[name])})")
         except KeyboardInterrupt:
             print(f"{name}: interrupted; the kernel was shut down and the earlier results of {name} were kept", file=sys.stderr)
             return 130
@@ -299,10 +461,9 @@ def _reproduce(args) -> int:
         except Exception as e:
             print(f"{name}: FAILED ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})", file=sys.stderr)
             failed.append(name)
-        times[name] = round(time.time() - t0, 1)
-    if len(times) > 1:  # a table of each chapter's time, printed and saved
-        table = "| chapter | mode | seconds |\n|---|---|---|\n" + "".join(
-            f"| {n} | {mode} | {s} |\n" for n, s in times.items()) + f"| total | | {round(sum(times.values()), 1)} |\n"
+            times[name] = {"mode": mode, "wall_s": round(time.time() - t0, 1), "failed": True}
+    if len(times) > 1:  # a table of each chapter's times beside its budget, printed and saved
+        table = times_markdown(times)
         print(table)
         atomic_write(results / f"times-{mode}.md", table)
     if failed:
@@ -339,6 +500,20 @@ def _efficiency(args) -> int:
     return 0
 
 
+def _times(args) -> int:
+    "Print every stored run's wall and CPU time beside its budget; `--check`: exit 1 if a run is over it by more than BUDGET_SLACK."
+    times = stored_times(readable_results(args.results))
+    if not times:
+        print("_No chapter has been run yet: `make book` or `paperlab reproduce` stores the times._")
+        return 0
+    print(times_markdown(times))
+    if not args.check: return 0
+    problems = over_budget(times)
+    for line in problems: print(line)
+    print(f"paperlab times --check: {len(problems)} run(s) over budget by more than {BUDGET_SLACK:.0%}")
+    return 1 if problems else 0
+
+
 def _docs(args) -> int:
     "Build the docs site and README (see `paperlab.docs`) from the results folder (`--results`, else the default one)."
     from paperlab import docs
@@ -373,6 +548,9 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("efficiency", help="the book's efficiency table: measured speed-up ÷ arithmetic ratio, per chapter")
     e.add_argument("--format", choices=("md", "json"), default="md")
     e.set_defaults(fn=_efficiency)
+    t = sub.add_parser("times", help="each stored run's wall and CPU time beside its budget (quick 60 s, full 6 min)")
+    t.add_argument("--check", action="store_true", help="exit 1 when a run's own wall time is over its budget by more than 20 %%")
+    t.set_defaults(fn=_times)
     d = sub.add_parser("docs", help="build the docs site (build) or README.md (readme)")
     d.add_argument("what", choices=("build", "readme"))
     d.add_argument("--out", default="_docs")

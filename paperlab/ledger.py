@@ -5,11 +5,14 @@
 # %% ../nbs/01_ledger.ipynb #144ad929
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -21,20 +24,23 @@ from scipy import stats
 from .core import MODES, SpeedComparison, atomic_write, get_mode, machine_info, results_dir
 
 # %% auto #0
-__all__ = ['VERDICTS', 'RULE_KINDS', 'EVIDENCE', 'SMOKE', 'PASSING', 'EFFICIENCY_PREFIX', 'Rule', 'within', 'above', 'below',
-           'holds', 'untestable', 'default_evidence', 'compute_verdict', 'Control', 'Claim', 'Paired',
-           'paired_difference', 'paired_control', 'wilson_interval', 'bootstrap_interval', 'Ledger', 'all_ledgers',
-           'ledgers_markdown', 'efficiency_rows', 'efficiency_markdown', 'headline_rows', 'headline_markdown',
+__all__ = ['VERDICTS', 'RULE_KINDS', 'EVIDENCE', 'SMOKE', 'PASSING', 'NO_DIFFERENCE', 'TIMING_MARGIN', 'EFFICIENCY_PREFIX',
+           'TIMING_LOCK_ENV', 'TIMING_WAITS_ENV', 'Rule', 'within', 'above', 'below', 'holds', 'untestable',
+           'default_evidence', 'timing_band', 'compute_verdict', 'Control', 'Claim', 'Paired', 'paired_difference',
+           'paired_control', 'wilson_interval', 'bootstrap_interval', 'Ledger', 'all_ledgers', 'ledgers_markdown',
+           'efficiency_rows', 'efficiency_markdown', 'headline_rows', 'headline_markdown', 'timing_lock',
            'notebook_digest', 'check_ledgers', 'mode_note', 'full_run_only']
 
 # %% ../nbs/01_ledger.ipynb #99730aa7
-VERDICTS = ("reproduced", "direction reproduced", "inconclusive", "not reproduced", "vacuous",
+VERDICTS = ("reproduced", "direction reproduced", "inconclusive", "not reproduced", "no measurable difference", "vacuous",
             "sanity check passed", "sanity check failed", "not comparable", "smoke run (quick mode)",
             "not testable on CPU")
 RULE_KINDS = ("within", "above", "below", "holds", "untestable")
 EVIDENCE = ("deterministic", "experiment", "timing")
 SMOKE = "smoke run (quick mode)"
 PASSING = ("reproduced", "direction reproduced")
+NO_DIFFERENCE = "no measurable difference"
+TIMING_MARGIN = 0.05   # a timing within ±5 % of its threshold ratio is no measurable difference (see `timing_band`)
 
 
 @dataclass(frozen=True)
@@ -113,16 +119,30 @@ def _side(rule: Rule, lo: float, hi: float) -> str:
     return "straddle"
 
 
+def timing_band(threshold: float, margin: float) -> tuple[float, float]:
+    "The ratios within `margin` of a positive `threshold`, [t/(1+m), t·(1+m)]: a timing whose whole interval lies inside shows no measurable difference from t."
+    if not (_finite(threshold) and threshold > 0):
+        raise ValueError(f"a timing margin is a band of ratios around a positive threshold, got threshold {threshold!r}")
+    if not (_finite(margin) and margin >= 0):
+        raise ValueError(f"a timing margin is a finite number >= 0, got {margin!r}")
+    return threshold / (1 + margin), threshold * (1 + margin)
+
+
 def compute_verdict(rule: Rule, reported: Any, measured: Any, interval: tuple[float, float] | None = None,
-                    evidence: str | None = None) -> str:
+                    evidence: str | None = None, margin: float | None = None) -> str:
     """The verdict that `rule` gives for `measured` (and its `interval`) against `reported`.
 
     A directional rule on an experiment or a timing needs an interval with a non-zero spread (2 seeds or repeats at
     least): without one the verdict is `inconclusive`. On a deterministic quantity (a FLOPs ratio, a count) the
-    threshold is a property that holds or not: `reproduced` or `not reproduced`, never `direction reproduced`."""
+    threshold is a property that holds or not: `reproduced` or `not reproduced`, never `direction reproduced`.
+    A timing with a `margin` m around its threshold t: an interval inside [t/(1+m), t·(1+m)] is `no measurable
+    difference`, a direction (or its opposite) needs the whole interval beyond that band, and an interval across one
+    of its edges is `inconclusive`."""
     evidence = evidence or default_evidence(rule)
     if evidence not in EVIDENCE:
         raise ValueError(f"evidence must be one of {EVIDENCE}, got {evidence!r}")
+    if margin is not None and not (evidence == "timing" and rule.directional):
+        raise ValueError("a margin applies to a timing judged against a threshold (above/below) only")
     if rule.kind == "untestable":
         if measured is not None:
             raise ValueError("an untestable claim cannot carry a measurement")
@@ -144,6 +164,12 @@ def compute_verdict(rule: Rule, reported: Any, measured: Any, interval: tuple[fl
     if interval is None: return "inconclusive"           # one seed or one repeat: no spread, no direction
     lo, hi = _check_interval(measured, interval)
     if lo == hi: return "inconclusive"                    # identical seeds or repeats: a spread of zero says nothing
+    if margin:
+        a, b = timing_band(rule.value, margin)
+        if a <= lo and hi <= b: return NO_DIFFERENCE
+        if lo > b or hi < a:                              # the whole interval beyond the band, on one side of it
+            return "direction reproduced" if (lo > b) == (rule.kind == "above") else "not reproduced"
+        return "inconclusive"                             # across an edge of the band
     return {"pass": "direction reproduced", "fail": "not reproduced", "straddle": "inconclusive"}[_side(rule, lo, hi)]
 
 # %% ../nbs/01_ledger.ipynb #408667fb
@@ -214,12 +240,20 @@ class Claim:
     shared: str = ""           # the component every arm shares, credited when no part carries the gain
     precondition: str = ""     # what must hold for the test to mean anything, in words with its numbers (the baseline has learnt the data)
     precondition_met: bool | None = None  # whether it held in this run; False makes any finding inconclusive
+    margin: float | None = None  # a timing: ratios within ±margin of the threshold are no measurable difference (default TIMING_MARGIN)
     why: str = ""              # computed: why the verdict is inconclusive, vacuous, a smoke run or not comparable
 
     def __post_init__(self):
         ev = self.evidence or default_evidence(self.rule, self.timed)
         if ev not in EVIDENCE: raise ValueError(f"claim {self.id!r}: evidence must be one of {EVIDENCE}, got {ev!r}")
         object.__setattr__(self, "evidence", ev)
+        if self.margin is None and ev == "timing" and self.rule.directional and _finite(self.rule.value) and self.rule.value > 0:
+            object.__setattr__(self, "margin", TIMING_MARGIN)
+        if self.margin is not None:
+            if not (ev == "timing" and self.rule.directional):
+                raise ValueError(f"claim {self.id!r}: a margin applies to a timing judged against a threshold (above/below) only")
+            try: timing_band(self.rule.value, self.margin)
+            except ValueError as e: raise ValueError(f"claim {self.id!r}: {e}") from None
         if isinstance(self.precondition_met, np.bool_): object.__setattr__(self, "precondition_met", bool(self.precondition_met))
         if self.precondition_met is not None and not isinstance(self.precondition_met, bool):
             raise TypeError(f"claim {self.id!r}: precondition_met must be a bool or None, got {self.precondition_met!r}")
@@ -236,7 +270,7 @@ class Claim:
         verdict, why = self._judge()
         if self.verdict is not None and self.verdict != verdict:
             raise ValueError(f"claim {self.id!r}: verdict {self.verdict!r} contradicts the measurement "
-                             f"{self.measured!r} (rule: {self.rule.describe()}), which gives {verdict!r}")
+                             f"{self.measured!r} (rule: {self.rule_text()}), which gives {verdict!r}")
         object.__setattr__(self, "verdict", verdict)
         object.__setattr__(self, "why", why)
 
@@ -252,12 +286,14 @@ class Claim:
 
     def _judge(self) -> tuple[str, str]:
         "The verdict and why, in order: the rule, the control, the book's threshold, a differing comparison, quick mode."
-        v = compute_verdict(self.rule, self.reported, self.measured, self.interval, self.evidence)
+        v = compute_verdict(self.rule, self.reported, self.measured, self.interval, self.evidence, self.margin)
         why = ""
         if v == "inconclusive" and self.rule.directional:
             if self.interval is None: why = "no interval: a direction needs at least 2 seeds or repeats"
             elif self.interval[0] == self.interval[1]: why = "a zero-width interval: the seeds or repeats agree exactly"
+            elif self.margin: why = f"the interval straddles an edge of {self._band()}, inside which a timing is no measurable difference"
             else: why = "the interval straddles the threshold"
+        if v == NO_DIFFERENCE: why = f"the whole interval lies inside {self._band()}: no measurable difference on this machine"
         if v in PASSING and self.control is not None and self.control.passes(self.rule, self.reported):
             v, why = "vacuous", f"the control passes the same test ({self.control.describe()})"
         if self.precondition and self.precondition_met is False and not v.startswith("not testable"):
@@ -269,6 +305,18 @@ class Claim:
         if self.mode == "quick" and self.evidence != "deterministic":
             v, why = SMOKE, "quick mode is a smoke run: its experiments and timings are never findings"
         return v, why
+
+    def _band(self) -> str:
+        "A timing's margin band in words: '±5 % band around 1 ([0.9524, 1.05])'."
+        a, b = timing_band(self.rule.value, self.margin)
+        return f"the ±{self.margin * 100:g} % band around {self.rule.value:g} ([{a:.4g}, {b:.4g}])"
+
+    def rule_text(self) -> str:
+        "The rule in words; a timing's states its margin, the band of ratios that is no measurable difference."
+        if not self.margin: return self.rule.describe()
+        a, b = timing_band(self.rule.value, self.margin)
+        return (f"{self.rule.describe()}; within ±{self.margin * 100:g} % of {self.rule.value:g} "
+                f"([{a:.4g}, {b:.4g}]): no measurable difference")
 
     @property
     def passes(self) -> bool:
@@ -430,6 +478,7 @@ _DIGEST = "<!-- paperlab-ledger "
 def _claim_digest(c: Claim) -> dict:
     "What `ledger --check` compares between claims.json and the executed notebook (wall-clock values left out: they move)."
     d = {"rule": [c.rule.kind, c.rule.value], "mode": c.mode, "evidence": c.evidence}
+    if c.margin is not None: d["margin"] = c.margin
     if not c.timed:
         d.update(measured=c.measured, interval=None if c.interval is None else list(c.interval), verdict=c.verdict)
     return d
@@ -476,7 +525,8 @@ class Ledger:
 
     def speed(self, id: str, statement: str, reported, comparison: SpeedComparison, rule: Rule | None = None,
               arithmetic: float | None = None, note: str = "", **kw) -> Claim:
-        "A wall-clock speed-up claim: measured = median paired ratio, verdict from its 95% interval (default rule: > 1); one repeat gives no verdict."
+        """A wall-clock speed-up claim: measured = median paired ratio, verdict from its 95% interval (default rule: > 1)
+        with a band of ±`margin` (keyword, default `TIMING_MARGIN`) around the threshold that is no measurable difference; one repeat gives no verdict."""
         text = comparison.describe()
         if arithmetic is not None: text += f"; arithmetic ratio {arithmetic:.3g}×"
         return self.claim(id, statement, reported, "×", comparison.ratio, rule or above(1.0), interval=comparison.interval,
@@ -500,6 +550,7 @@ class Ledger:
         extra = []
         if c.verdict == "inconclusive" and c.seeds_to_decide: extra.append(f"≈{c.seeds_to_decide} seeds would decide")
         if self.carried_by(c.id): extra.append(self.carried_by(c.id))
+        if c.margin and c.verdict not in (SMOKE, "not comparable"): extra.append(f"margin ±{c.margin * 100:g} %")
         return c.verdict + (f" ({'; '.join(extra)})" if extra else "")
 
     def __len__(self) -> int: return len(self.claims)
@@ -512,7 +563,8 @@ class Ledger:
             return c.source + (f" (threshold: the book's, {c.book_threshold})" if c.book_threshold else "")
         return [{"id": c.id, "claim": c.statement + (" [headline]" if c.headline else ""),
                  "paper": f"{_fmt(c.reported)} {c.unit}".strip(), "measured": _fmt_measured(c),
-                 "verdict": self.verdict_cell(c), "control": _fmt_control(c), "source": source(c), "why": c.why}
+                 "verdict": self.verdict_cell(c), "control": _fmt_control(c), "source": source(c), "why": c.why,
+                 "rule": c.rule_text()}
                 for c in self.claims.values()]
 
     COLUMNS = ("id", "claim", "paper", "measured", "verdict", "control", "source")
@@ -677,6 +729,35 @@ def headline_markdown(ledgers: dict[str, Ledger]) -> str:
     out = "| paper | headline claim | measured | control | verdict | what would decide it | mode |\n|---|---|---|---|---|---|---|\n"
     return out + "".join(f"| {r['chapter']} | {_md_escape(r['claim'])} | {_md_escape(r['measured'])} | {_md_escape(r['control'])} "
                          f"| {_md_escape(r['verdict'])} | {_md_escape(r['decide'])} | {r['mode']} |\n" for r in rows)
+
+# %% ../nbs/01_ledger.ipynb #5d1e7a04
+TIMING_LOCK_ENV = "PAPERLAB_TIMING_LOCK"    # the lock file (`paperlab reproduce` sets one per results folder)
+TIMING_WAITS_ENV = "PAPERLAB_TIMING_WAITS"  # a file where each wait for the lock is logged, in seconds, one per line
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def timing_lock(path: str | Path | None = None):
+    """Hold the book's timing lock (an exclusive `flock`) around a timed section, waiting for it; yields the seconds waited.
+    The lock file is `path`, else `$PAPERLAB_TIMING_LOCK`, else `.timing.lock` in the results folder; re-entrant in a thread."""
+    if getattr(_held, "depth", 0):      # this thread holds it already: a timed section inside another
+        _held.depth += 1
+        try: yield 0.0
+        finally: _held.depth -= 1
+        return
+    path = Path(path or os.environ.get(TIMING_LOCK_ENV) or results_dir() / ".timing.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        t0 = time.perf_counter()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        waited = time.perf_counter() - t0
+        if os.environ.get(TIMING_WAITS_ENV):
+            with open(os.environ[TIMING_WAITS_ENV], "a") as log: log.write(f"{waited:.6f}\n")
+        _held.depth = 1
+        try: yield waited
+        finally: _held.depth = 0
+    finally:
+        os.close(fd)   # releases the lock
 
 # %% ../nbs/01_ledger.ipynb #6009e17f
 def notebook_digest(nb_path: str | Path) -> dict | None:

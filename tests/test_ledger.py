@@ -1,12 +1,16 @@
 """Property tests of the ledger's verdict rules (issue 22): intervals stay in their quantity's range, quick runs give
-no findings, a passing control makes a claim vacuous, and a directional experiment without a control is refused."""
+no findings, a passing control makes a claim vacuous, and a directional experiment without a control is refused.
+Timings (issue 26.4): a margin band around the threshold gives "no measurable difference", two overlapping intervals
+never give two different decided verdicts, and a fixed pair of functions timed twice gets the same verdicts."""
+import json
 import math
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from paperlab.ledger import (PASSING, SMOKE, Claim, Control, Ledger, above, below, bootstrap_interval, paired_difference,
-                             wilson_interval)
+from paperlab.core import compare_speed
+from paperlab.ledger import (NO_DIFFERENCE, PASSING, SMOKE, TIMING_MARGIN, Claim, Control, Ledger, above, below,
+                             bootstrap_interval, paired_difference, timing_band, wilson_interval)
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
 share = st.floats(0, 1, allow_nan=False)
@@ -114,3 +118,101 @@ def test_cli_ledger_check_catches_consistent_tampering(tmp_path, capsys):
     p.write_text(json.dumps(raw))
     assert main(["--results", str(tmp_path), "ledger", "--check"]) == 1
     assert "measured in full mode" in capsys.readouterr().out
+
+
+# --- timings: a margin around the threshold (issue 26.4) -----------------------------------------------------------
+
+ratio = st.floats(0.05, 20, allow_nan=False)
+DECIDED = {"direction reproduced", "not reproduced", NO_DIFFERENCE}
+
+
+def timing(lo: float, hi: float, rule, **kw) -> Claim:
+    "A full-mode timing claim with the 95% interval [lo, hi]."
+    return Claim("t", "faster", None, "×", (lo + hi) / 2, rule, interval=(lo, hi), timed=True, **{"mode": "full", **kw})
+
+
+@settings(max_examples=300, deadline=None)
+@given(ratio, ratio, st.sampled_from([above, below]), st.sampled_from([0.5, 1.0, 1 / 1.5, 3.0]))
+def test_a_timing_verdict_follows_the_band(a, b, rule, t):
+    lo, hi = sorted((a, b))
+    band_lo, band_hi = t / (1 + TIMING_MARGIN), t * (1 + TIMING_MARGIN)   # closed form of the band
+    v = timing(lo, hi, rule(t)).verdict
+    if lo == hi: expect = "inconclusive"
+    elif band_lo <= lo and hi <= band_hi: expect = NO_DIFFERENCE
+    elif lo > band_hi: expect = "direction reproduced" if rule is above else "not reproduced"
+    elif hi < band_lo: expect = "not reproduced" if rule is above else "direction reproduced"
+    else: expect = "inconclusive"
+    assert v == expect, (lo, hi, t, v)
+    assert timing(lo, hi, rule(t), mode="quick").verdict == SMOKE
+
+
+@settings(max_examples=500, deadline=None)
+@given(ratio, ratio, ratio, ratio, st.sampled_from([above, below]))
+def test_overlapping_timings_never_give_two_different_decided_verdicts(a, b, c, d, rule):
+    "Two runs of one ratio (their intervals overlap) differ at most by one of them being inconclusive."
+    (lo1, hi1), (lo2, hi2) = sorted((a, b)), sorted((c, d))
+    if max(lo1, lo2) > min(hi1, hi2): return        # disjoint: two different ratios
+    v1, v2 = timing(lo1, hi1, rule(1.0)).verdict, timing(lo2, hi2, rule(1.0)).verdict
+    assert not (v1 in DECIDED and v2 in DECIDED and v1 != v2), ((lo1, hi1, v1), (lo2, hi2, v2))
+
+
+def test_enat_runs_that_flipped_are_both_inconclusive_with_the_margin():
+    # ENAT's efficiency:speed-toy in two runs on one machine (issue 26.4): 0.955 [0.94, 1.01] and 0.874 [0.82, 0.96]
+    runs = [(0.94, 1.01), (0.82, 0.96)]
+    assert [timing(*iv, above(1.0), margin=0).verdict for iv in runs] == ["inconclusive", "not reproduced"]
+    assert [timing(*iv, above(1.0)).verdict for iv in runs] == ["inconclusive", "inconclusive"]
+    assert timing_band(1.0, 0.05) == (1 / 1.05, 1.05)
+
+
+def test_the_margin_is_stored_checked_and_stated(tmp_path, capsys):
+    from paperlab.cli import main
+    led = Ledger("toy", mode="full")
+    c = led.claim("efficiency:x", "faster", None, "×", 1.0, above(1.0), interval=(0.97, 1.03), timed=True)
+    assert (c.margin, c.verdict) == (TIMING_MARGIN, NO_DIFFERENCE)
+    assert "±5 %" in c.rule_text() and "no measurable difference (margin ±5 %)" in led.to_markdown()
+    p = led.save(tmp_path / "toy" / "claims.json")
+    _executed(tmp_path / "toy", led)
+    assert Ledger.load(p)["efficiency:x"].margin == TIMING_MARGIN
+    assert main(["--results", str(tmp_path), "ledger", "--check"]) == 0
+    raw = json.loads(p.read_text())
+    raw["claims"][0].update(margin=0.01, verdict="inconclusive",   # a narrower margin, its verdict and reason to match
+                            why="the interval straddles an edge of the ±1 % band around 1 ([0.9901, 1.01]), inside which "
+                                "a timing is no measurable difference")
+    p.write_text(json.dumps(raw))
+    Ledger.load(p)   # self-consistent: loads
+    capsys.readouterr()
+    assert main(["--results", str(tmp_path), "ledger", "--check"]) == 1
+    assert "claim 'efficiency:x': margin is 0.01 in claims.json but 0.05" in capsys.readouterr().out
+    raw["claims"][0]["verdict"] = NO_DIFFERENCE            # the stored verdict must match the stored margin
+    p.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="contradicts"):
+        Ledger.load(p)
+
+
+def _work(n: int) -> int:
+    "n multiply-adds in pure Python: a fixed amount of work, whose time grows with n."
+    s = 0
+    for i in range(n): s += i * i
+    return s
+
+
+def _timed_claims() -> Ledger:
+    """The timed claims of a tiny chapter: half the work against all of it (a known ratio of 2) and the same work
+    against itself (a ratio of 1). Short calls, many interleaved repeats: what a verdict that holds on a rerun needs."""
+    n, repeats = 5000, 200
+    led = Ledger("rerun", mode="full")
+    led.speed("half-the-work", "half the work is faster", 2.0,
+              compare_speed(lambda: _work(2 * n), lambda: _work(n), repeats=repeats, warmup=5))
+    led.speed("same-work", "the same work is no faster", 1.0,
+              compare_speed(lambda: _work(n), lambda: _work(n), repeats=repeats, warmup=5))
+    return led
+
+
+def test_timing_verdicts_hold_on_a_rerun():
+    runs = [_timed_claims(), _timed_claims()]
+    seen = [{k: (c.verdict, round(c.measured, 3), tuple(round(x, 3) for x in c.interval)) for k, c in led.claims.items()}
+            for led in runs]
+    assert [{k: v[0] for k, v in s.items()} for s in seen] == [
+        {"half-the-work": "direction reproduced", "same-work": NO_DIFFERENCE}] * 2, seen
+    # the measured ratio is the known one: twice the loop takes about twice the time
+    assert all(1.7 < led["half-the-work"].measured < 2.4 for led in runs), seen

@@ -2,7 +2,8 @@
 
 Fault injection on the folder swap (an interrupt between its two renames), two runs of one chapter at once, a quick
 run over a full one, a run killed with SIGKILL, the modes of written files, and reading commands that create
-nothing. The throwaway notebooks use the standard library only, so a kernel starts in a second or two.
+nothing. The throwaway notebooks use the standard library only, so a kernel starts in a second or two. And the saved
+notebook holds each progress bar's final state, not the 0 % it was first displayed with (issue 25).
 """
 import contextlib
 import ctypes
@@ -10,6 +11,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -237,7 +239,8 @@ def test_quick_run_never_replaces_a_full_run_without_force(tmp_path):
     assert nbformat.read(results / "toy" / NB, as_version=4).metadata["paperlab"]["mode"] == "quick"
     # what a run writes is readable by others: files 0644, folders 0755 (umask 022); mkstemp's 0600 before
     modes = {str(p.relative_to(results)): stat.S_IMODE(p.stat().st_mode) for p in [results, *results.rglob("*")]}
-    assert modes == {".": 0o755, ".lock-toy": 0o644, "toy": 0o755, "toy/out.txt": 0o644, f"toy/{NB}": 0o644}, modes
+    assert modes == {".": 0o755, ".lock-toy": 0o644, "toy": 0o755, "toy/out.txt": 0o644, f"toy/{NB}": 0o644,
+                     "toy/timing.json": 0o644}, modes
     rc, out, err = run("--nbs", nbs, "--results", results, "reproduce", "toy", "--mode", "full")   # full over quick: fine
     assert rc == 0, err
     assert (results / "toy" / "out.txt").read_text() == "full"
@@ -309,3 +312,48 @@ def test_docs_build_reads_the_default_results_folder(tmp_path, monkeypatch, no_s
     assert rc == 0, err
     page = (tmp_path / "_build" / "site_src" / "efficiency.md").read_text()
     assert "| toy | twice as fast |" in page, page
+
+
+# --- progress bars in the saved notebook (issue 25) -------------------------------------------------------------------
+
+BARS = ["from tqdm.auto import tqdm\nfor _ in tqdm(range(4), desc='steps'): pass",
+        "bar = tqdm(total=4, desc='stops'); bar.update(2); bar.close()",            # stopped half-way
+        "for _ in tqdm(range(3), desc='hidden', leave=False): pass",               # closed and hidden at the end
+        "for _ in tqdm(range(5), unit='cell', postfix={'loss': 0.5}): pass",
+        "for _ in tqdm(iter(range(7)), desc='no total'): pass",                    # no total: no bar, a count
+        "import ipywidgets as w\nw.HBox([w.HTML('a'), w.FloatProgress(value=1, max=2), w.HTML('b')])"]   # not a tqdm bar
+
+
+def test_saved_progress_bars_hold_their_final_state(tmp_path):
+    from nbval.plugin import get_sanitize_patterns
+    from tqdm import tqdm as text_bar   # the terminal's tqdm: the text each finished bar prints there
+    nbs, results = tmp_path / "nbs", tmp_path / "results"
+    tiny_nb(nbs, BARS)
+    rc, out, err = run("--nbs", nbs, "--results", results, "reproduce", "toy")
+    assert rc == 0, err
+    saved = [c.outputs[0]["data"]["text/plain"] for c in nbformat.read(results / "toy" / NB, as_version=4).cells]
+    expected = [text_bar.format_meter(4, 4, 0, prefix="steps"), text_bar.format_meter(2, 4, 0, prefix="stops"),
+                text_bar.format_meter(3, 3, 0, prefix="hidden"), text_bar.format_meter(5, 5, 0, unit="cell"),
+                text_bar.format_meter(7, None, 0, prefix="no total")]
+    # the same bars, elapsed time and rate aside (they are of this run): 'steps: 100%|██████████| 4/4'
+    assert [s.split(" [")[0] for s in saved[:5]] == [e.split(" [")[0] for e in expected], saved
+    assert saved[0].startswith("steps: 100%|██████████| 4/4 [") and saved[1].startswith("stops:  50%|█████     | 2/4 [")
+    assert saved[3].endswith("cell/s, loss=0.5]") and saved[5].startswith("HBox(children=(HTML(value='a')"), saved
+    # what `make nbval` compares: the saved final state and a rerun's first display sanitise to the same text
+    patterns = get_sanitize_patterns((Path(__file__).parent / "nbval_sanitize.cfg").read_text())
+    def sanitize(text):
+        for regex, replace in patterns: text = re.sub(regex, replace, text)
+        return text
+    first = [text_bar.format_meter(0, 4, 0, prefix="steps"), text_bar.format_meter(0, 4, 0, prefix="stops"),
+             text_bar.format_meter(0, 3, 0, prefix="hidden"), text_bar.format_meter(0, 5, 0, unit="cell", postfix="loss=0.5"),
+             text_bar.format_meter(0, None, 0, prefix="no total")]
+    assert [sanitize(s) for s in saved[:5]] == [sanitize(f) for f in first], (saved, first)
+
+
+def test_settle_progress_bars_needs_the_stored_widget_state():
+    "Without nbclient's widget state (a notebook executed with store_widget_state=False) nothing is rewritten."
+    shown = "steps:   0%|          | 0/4 [00:00<?, ?it/s]"
+    out = nbformat.v4.new_output("display_data", data={"text/plain": shown,
+                                                       "application/vnd.jupyter.widget-view+json": {"model_id": "abc"}})
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("", outputs=[out])])
+    assert cli.settle_progress_bars(nb) == 0 and nb.cells[0].outputs[0]["data"]["text/plain"] == shown

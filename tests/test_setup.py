@@ -83,6 +83,18 @@ def sanitize(text: str) -> str:
     # a wall-clock claim: its interval and the verdict computed from it move with the machine's load
     ("| speed | 2 × | ⏱ 1.4 × [1.2, 1.6] | direction reproduced | Fig. 5 |", "| speed | 2 × | ⏱ 1.1 × [0.9, 1.3] | inconclusive | Fig. 5 |"),
     ("measured ⏱ 2.88× faster (12.1 → 4.2 ms)", "measured ⏱ 2.51× faster (13.0 → 5.2 ms)"),
+    # the timing verdicts of issue 26.4, with their margin, in a ledger, the efficiency table and the headline table
+    ("| speed | 2 × | ⏱ 1.02 × [0.97, 1.04] | no measurable difference (margin ±5 %) | Fig. 5 |",
+     "| speed | 2 × | ⏱ 1.1 × [1.06, 1.3] | direction reproduced (margin ±5 %) | Fig. 5 |"),
+    ("| enat | faster | — | ⏱ 0.955× [0.94, 1.01] | 2.1× | ⏱ 0.45 | inconclusive | 1 | EPYC | full |",
+     "| enat | faster | — | ⏱ 0.874× [0.82, 0.96] | 2.1× | ⏱ 0.42 | no measurable difference | 1 | EPYC | full |"),
+    ("| dydit | faster | ⏱ 1.5 × [1.2, 1.7] | none: a timing | sanity check passed (margin ±5 %) | — | full |",
+     "| dydit | faster | ⏱ 0.5 × [0.4, 0.6] | none: a timing | sanity check failed (margin ±5 %) | — | full |"),
+    # a saved progress bar holds its final state, a rerun shows the bar as first displayed (issue 25)
+    ("steps:   0%|          | 0/4 [00:00<?, ?it/s]", "steps: 100%|██████████| 4/4 [00:01<00:00,  3.10it/s]"),
+    ("stops:   0%|          | 0/4 [00:00<?, ?it/s]", "stops:  50%|█████     | 2/4 [00:00<00:00, 87.87it/s]"),
+    ("  0%|          | 0/5 [00:00<?, ?cell/s, loss=0.5]", "100%|██████████| 5/5 [00:00<00:00, 458.26cell/s, loss=0.5]"),
+    ("nototal: 0it [00:00, ?it/s]", "nototal: 7it [00:00, 720.46it/s]"),
 ])
 def test_nbval_sanitize_masks_times_paths_and_addresses(a, b):
     assert a != b and sanitize(a) == sanitize(b)
@@ -95,6 +107,11 @@ def test_nbval_sanitize_masks_times_paths_and_addresses(a, b):
     ("losses [1.166, 0.268, 0.171]", "losses [1.166, 0.268, 0.172]"),
     ("ratio 1/2 and 3/4 of 256 px", "ratio 1/2 and 3/4 of 128 px"),
     ("12 steps of 5 samples", "13 steps of 5 samples"),
+    ("steps: 100%|██████████| 4/4 [00:01<00:00,  3.10it/s]", "steps: 100%|██████████| 4/5 [00:01<00:00,  3.10it/s]"),  # the total
+    ("train: 100%|██████████| 4/4 [00:01<00:00,  3.10it/s]", "tune: 100%|██████████| 4/4 [00:01<00:00,  3.10it/s]"),
+    # the cells between a timed value and its verdict: the arithmetic ratio, the control
+    ("| ⏱ 2× [1.9, 2.1] | 4× | ⏱ 0.5 | direction reproduced |", "| ⏱ 2× [1.9, 2.1] | 3× | ⏱ 0.5 | direction reproduced |"),
+    ("| ⏱ 1.5 × [1.2, 1.7] | untrained: 0.1 | inconclusive |", "| ⏱ 1.5 × [1.2, 1.7] | untrained: 0.2 | inconclusive |"),
 ])
 def test_nbval_sanitize_keeps_results(a, b):
     assert sanitize(a) != sanitize(b)

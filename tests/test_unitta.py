@@ -529,3 +529,12 @@ def test_one_timing_repeat_gives_no_verdict():
     g = lambda: sum(range(10))
     one = Ledger("unitta", mode="full").speed("t", "g is faster", None, compare_speed(f, g, repeats=1, warmup=0), above(1 / 1.5))
     assert one.verdict == "inconclusive"
+
+
+def test_imagenet_c_table_holds_three_error_values_apart_from_its_citation():
+    "The source model's error (81.70 %) was once read from the table's citation key: each of the three is a number."
+    from paperlab.unitta import paper_numbers
+    t = paper_numbers()["imagenet_c_table4"]
+    values = [t[k] for k in ("unitta", "lame", "source_model")]
+    assert all(isinstance(v, float) for v in values) and values == [69.71, 75.12, 81.7]
+    assert isinstance(t["source"], str) and "Table 4" in t["source"]
