@@ -19,7 +19,8 @@ __all__ = ['LINEAR_KERNELS', 'ATTENTION', 'check_qkv', 'softmax_attention_weight
            'linear_attention_weights', 'linear_attention', 'inline_attention_weights', 'inline_attention_centred',
            'inline_attention', 'memory_floor', 'compiled_inline_attention', 'mediator_weights_pair',
            'mediator_attention_weights', 'mediator_attention', 'get_attention', 'attention_macs', 'check_heads',
-           'split_heads', 'merge_heads', 'QKVAttention', 'stored_gpu_attention']
+           'split_heads', 'merge_heads', 'QKVAttention', 'check_int', 'check_finite', 'check_class_labels',
+           'stored_gpu_attention']
 
 # %% ../nbs/04_attention.ipynb #332b5d30
 def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> None:
@@ -244,6 +245,38 @@ class QKVAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         "(B, N, C) -> (B, N, C)."
         return self.proj(merge_heads(self.mix(*self.heads(x))))
+
+# %% ../nbs/04_attention.ipynb #476d042f
+def check_int(x, name: str, low: int = 1) -> int:
+    "x itself if it is a whole number (not a bool) >= `low`; TypeError naming `name` if it is not whole, ValueError if it is below `low`."
+    if not isinstance(x, numbers.Integral) or isinstance(x, bool):
+        raise TypeError(f"{name} must be a whole number >= {low}, got {x!r} ({type(x).__name__})")
+    if x < low:
+        raise ValueError(f"{name} must be >= {low}, got {x}")
+    return x
+
+
+def check_finite(x, name: str) -> None:
+    "ValueError naming `name` unless every entry of x (a tensor, an array or a list of numbers) is finite."
+    t = x if isinstance(x, Tensor) else torch.as_tensor(x)
+    if t.is_floating_point() or t.is_complex():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"{name} must be finite: {bad} of {t.numel()} entries are NaN or infinite")
+
+
+def check_class_labels(labels, num_classes: int | None = None, name: str = "labels", batch: int | None = None) -> Tensor:
+    "Class ids as int64 (N,): TypeError unless an integer dtype (a float 2.7 is not truncated to 2; a bool is no class); ValueError unless 1-d, of length `batch` when given, and in [0, num_classes − 1] when `num_classes` is given."
+    t = labels if isinstance(labels, Tensor) else torch.as_tensor(labels)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be integer class ids, got dtype {t.dtype} (convert whole-number floats with .long() yourself)")
+    if t.dim() != 1 or (batch is not None and t.shape[0] != batch):
+        raise ValueError(f"{name} must be ({'N' if batch is None else batch},): one class id per sample, got shape {tuple(t.shape)}")
+    if num_classes is not None and t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name}: class label outside [0, {num_classes - 1}]: got values from {lo} to {hi}")
+    return t.long()
 
 # %% ../nbs/04_attention.ipynb #d6cff826
 def stored_gpu_attention(method: str) -> tuple[dict[tuple[str, int, int | None], SpeedComparison], list[dict], dict]:

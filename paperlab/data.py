@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
+from .attention import check_class_labels
+
 if TYPE_CHECKING:
     from torchvision.datasets import ImageFolder
 
@@ -177,10 +179,9 @@ def qa(item: dict[str, Any], counting: bool = False) -> list[tuple[str, str]]:
 
 # %% ../nbs/02_data.ipynb #7abc3615
 def _image_and_label(item: Any) -> tuple[torch.Tensor, int]:
-    "Split a dataset item, `(x, y)` or a dict with 'image' and 'label', into x (C, H, W) and an int label."
-    if isinstance(item, dict): return item["image"], int(item["label"])
-    x, y = item
-    return x, int(y)
+    "Split a dataset item, `(x, y)` or a dict with 'image' and 'label', into x (C, H, W) and an int label (TypeError for a float label: 2.7 is not truncated to 2)."
+    x, y = (item["image"], item["label"]) if isinstance(item, dict) else item
+    return x, int(check_class_labels(torch.as_tensor(y).reshape(-1), name="label", batch=1)[0])
 
 
 def write_image_folder(items: Iterable[Any], root: str | Path,

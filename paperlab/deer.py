@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM
 
+from .attention import check_finite, check_heads
 from .ledger import wilson_interval
 
 # %% auto #0
@@ -199,6 +200,9 @@ class PolicyConfig:
     lstm_dropout: float = 0.0    # official: 0.3
     arm_dim: int = 2             # official: 6 (xyz + euler)
     init_std: float = 0.2        # ours: Llama's 0.02 leaves a 32-wide model on a long plateau
+
+    def __post_init__(self):
+        check_heads(self.hidden_size, self.num_heads)   # a clear error before transformers' validation error
 
 
 FIRST_REFERENCES = ("layer0", "previous_block")
@@ -532,12 +536,18 @@ def rollout(policy: MultiExitPolicy, task: TaskConfig, chains: int, seed: int, t
                 avg_layers=float(layers.mean()), max_layers=int(layers.max()), trace=trace)
 
 # %% ../nbs/32_deer.ipynb #deer023
+def _check_q(q: float) -> None:
+    "ValueError unless the exit ratio q is a positive finite number (q = 0 has no profile: log 0)."
+    if not (isinstance(q, (int, float)) and not isinstance(q, bool) and math.isfinite(q) and q > 0):
+        raise ValueError(f"exit ratio q must be a positive finite number, got {q!r}")
+
+
 def exit_profile(q: float, num_exits: int, skip_first: bool = False) -> Tensor:
     "Share of steps leaving at exit k, p_k ∝ q^k for k = 1..K (float32, the official arithmetic); `skip_first` sets p_1 = 0 (official 9B rule)."
-    if not (isinstance(q, (int, float)) and math.isfinite(q) and q > 0): raise ValueError(f"exit ratio q must be a positive finite number, got {q!r}")
+    _check_q(q)
     if not (isinstance(num_exits, int) and num_exits >= 1): raise ValueError(f"num_exits must be a positive int, got {num_exits!r}")
     p = q ** torch.arange(1, num_exits + 1)
-    if skip_first: p[0] = 0
+    if skip_first and num_exits > 1: p[0] = 0   # one exit has nothing to skip to (as thresholds_for_budget's first allowed cost)
     return p / p.sum()
 
 
@@ -550,6 +560,7 @@ def solve_thresholds(values, q: float, num_exits: int | None = None, skip_first:
     if dtype not in (torch.float32, torch.float64): raise ValueError(f"dtype must be torch.float32 (official) or torch.float64, got {dtype!r}")
     v = torch.as_tensor(np.asarray(values))
     if v.dim() != 2 or v.shape[1] == 0: raise ValueError(f"values must be (exits, samples) with samples > 0, got shape {tuple(v.shape)}")
+    check_finite(v, "values")   # a NaN delta never passes `<=`: its step would silently skip every threshold
     K = v.shape[0] if num_exits is None else num_exits
     if not (isinstance(K, int) and 1 <= K <= v.shape[0]): raise ValueError(f"num_exits must be an int in [1, {v.shape[0]}], got {num_exits!r}")
     n, p = v.shape[1], exit_profile(q, K, skip_first)
@@ -567,6 +578,8 @@ def solve_thresholds(values, q: float, num_exits: int | None = None, skip_first:
 def simulate_exits(values, thresholds) -> np.ndarray:
     "Exit index (n,) of each step under the rule: the first k with values[k] <= thresholds[k]; the last threshold's exit otherwise."
     v, th = np.asarray(values, dtype=np.float64), np.asarray(thresholds, dtype=np.float64)
+    check_finite(v, "values")
+    if np.isnan(th).any(): raise ValueError(f"thresholds must be numbers or ±inf, got {th.tolist()}")
     K = len(th)
     hit = v[:K] <= th[:, None]
     hit[K - 1] = True
@@ -575,9 +588,12 @@ def simulate_exits(values, thresholds) -> np.ndarray:
 
 def expected_cost(q: float, costs, skip_first: bool = False) -> float:
     "Σ_k p_k(q) C_k: the average cost the profile asks for (Eq. 5 per step), float64 in log space so that any q works."
+    _check_q(q)
     c = np.asarray(costs, dtype=np.float64)
+    if c.ndim != 1 or len(c) < 1: raise ValueError(f"costs must be a non-empty 1-D sequence, got shape {c.shape}")
+    check_finite(c, "costs")
     logp = math.log(q) * np.arange(1, len(c) + 1)
-    if skip_first: logp[0] = -np.inf
+    if skip_first and len(c) > 1: logp[0] = -np.inf   # a single exit is taken anyway: no 0/0
     w = np.exp(logp - logp.max())
     return float((w * c).sum() / w.sum())
 
@@ -588,7 +604,9 @@ def thresholds_for_budget(values, budget: float, costs, skip_first: bool = False
     `solve_thresholds` (thresholds in `dtype`). `costs` (K,) is the cost of leaving at each allowed exit (layers or
     FLOPs), increasing; K sets the deepest exit. A budget below the first allowed exit's cost is impossible: ValueError."""
     c = np.asarray(costs, dtype=np.float64)
+    check_finite(c, "costs")   # NaN compares false, so it would pass the increasing check below
     if c.ndim != 1 or len(c) < 1 or np.any(np.diff(c) <= 0): raise ValueError(f"costs must be a 1-D increasing sequence, got {costs!r}")
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget)): raise ValueError(f"budget must be a finite number, got {budget!r}")
     c0 = c[1] if skip_first and len(c) > 1 else c[0]
     if not budget >= c0: raise ValueError(f"average budget {budget!r} is below the cost of the first allowed exit ({c0:g}): no thresholds can meet it")
     lo, hi = -12.0, 12.0
@@ -662,6 +680,9 @@ class FlamingoLLMConfig:
     xattn_dim_head: int = 64
     ff_mult: int = 4
     visual_tokens: int = 128       # 64 Perceiver latents × 2 cameras (RoboFlamingo's post fusion), one frame per step
+
+    def __post_init__(self):
+        check_heads(self.d_model, self.n_heads)
 
 
 FLAMINGO_SIZES = {"3b": FlamingoLLMConfig(),

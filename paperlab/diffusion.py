@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from timm.layers import Mlp, PatchEmbed
 from tqdm.auto import tqdm
 
-from .attention import QKVAttention
+from .attention import QKVAttention, check_class_labels
 
 # %% auto #0
 __all__ = ['DIT_CONFIGS', 'timestep_embedding', 'TimestepEmbedder', 'sincos_pos_embed_2d', 'SelfAttention', 'modulate',
@@ -181,12 +181,17 @@ class DiT(nn.Module):
         "The conditioning vector c = embed(t) + embed(y): (B,), (B,) -> (B, C)."
         return self.t_embedder(t) + self.y_embedder(y)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def check_inputs(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        "ValueError unless x is (B, C, H, W) of the config and t is (B,); TypeError unless y is (B,) integer class ids (a float 2.7 is refused, not truncated): -> y as int64."
         cfg = self.cfg
         if x.dim() != 4 or x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
-            raise ValueError(f"DiT expects x of shape (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), got {tuple(x.shape)}")
-        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
-            raise ValueError(f"t and y must be ({x.shape[0]},), got t {tuple(t.shape)} and y {tuple(y.shape)}")
+            raise ValueError(f"{type(self).__name__} expects x of shape (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), got {tuple(x.shape)}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be ({x.shape[0]},), one noise level per sample, got {tuple(t.shape)}")
+        return check_class_labels(y, name="y", batch=x.shape[0])   # dtype and shape only: no pass over the values per step
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        y = self.check_inputs(x, t, y)
         h = self.x_embedder(x) + self.pos_embed
         c = self.condition(t, y)
         for blk in self.blocks:
@@ -237,6 +242,7 @@ def euler_sample(model: nn.Module, y: Tensor, steps: int = 50, cfg_scale: float 
     "Integrate dx/dt = v from t=1 to 0 in `steps` Euler steps for labels y (B,): -> (B, C, H, W) samples."
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    y = check_class_labels(y, model.cfg.num_classes + 1, "y")   # once per call: a class or the null class, not 2.7 or 12
     cfg, dtype = model.cfg, _model_dtype(model)
     shape = shape or (y.shape[0], cfg.in_channels, cfg.input_size, cfg.input_size)
     x = torch.randn(shape, generator=generator, dtype=dtype)
@@ -269,6 +275,7 @@ def sde_sample(model: nn.Module, y: Tensor, steps: int = 250, last_step_size: fl
                cfg_scale: float = 1.0, generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None,
                progress: bool = False, guidance_channels: int | None = 3) -> Tensor:
     "SiT's default sampler: Euler–Maruyama over steps − 1 intervals of t ∈ [0, 1 − last_step_size], then one noiseless mean step of `last_step_size`: -> (B, C, H, W)."
+    y = check_class_labels(y, model.cfg.num_classes + 1, "y")
     cfg, dtype = model.cfg, _model_dtype(model)
     ts = sde_times(steps, last_step_size, dtype)
     shape = shape or (y.shape[0], cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -317,6 +324,7 @@ def train_flow(model: nn.Module, x: Tensor, y: Tensor, steps: int, batch_size: i
     "Train `model` with flow matching for `steps` optimizer steps on (x, y); return the losses."
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    y = check_class_labels(y, model.cfg.num_classes, "y", batch=len(x))   # one class id per image, the null class excluded
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .attention import merge_heads, softmax_attention, split_heads
+from .attention import check_class_labels, merge_heads, softmax_attention, split_heads
 from .core import count_flops, count_params, data_dir
 from .diffusion import DiT, DiTBlock, DiTConfig, dit_config, drop_labels, euler_sample, modulate
 
@@ -266,11 +266,7 @@ class DyDiT(DiT):
                 narrow_weights(blk, hi, gi)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, complete: bool = False) -> Tensor:
-        cfg = self.cfg
-        if x.dim() != 4 or x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
-            raise ValueError(f"DyDiT expects x of shape (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), got {tuple(x.shape)}")
-        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
-            raise ValueError(f"t and y must be ({x.shape[0]},), got t {tuple(t.shape)} and y {tuple(y.shape)}")
+        y = self.check_inputs(x, t, y)   # DiT's: x of the config, t (B,), y (B,) integer class ids
         h = self.x_embedder(x) + self.pos_embed
         temb = self.t_embedder(t)
         c = temb + self.y_embedder(y)
@@ -445,6 +441,7 @@ def ddpm_sample(model: nn.Module, y: Tensor, steps: int = 50, generator: torch.G
     "Ancestral DDPM sampling with `DDPMScheduler` on `steps` of the 1000 training timesteps (guidance 1): -> (B, C, H, W)."
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    y = check_class_labels(y, model.cfg.num_classes + 1, "y")   # once per call: a class or the null class
     cfg = model.cfg
     sched = ddpm_scheduler(); sched.set_timesteps(steps)
     x = torch.randn((y.shape[0], cfg.in_channels, cfg.input_size, cfg.input_size), generator=generator)
@@ -493,6 +490,7 @@ def finetune_dydit(model: DyDiT, x: Tensor, y: Tensor, lam: float, steps: int, b
     check_lam(lam)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    y = check_class_labels(y, model.cfg.num_classes, "y", batch=len(x))   # one class id per image, the null class excluded
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if update not in UPDATES:

@@ -17,7 +17,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .attention import check_heads, softmax_attention
+from .attention import check_class_labels, check_heads, check_int, softmax_attention
 from .diffusion import drop_labels, modulate
 
 if TYPE_CHECKING:
@@ -242,14 +242,26 @@ class ENAT(nn.Module):
         return ids.long()
 
     def check_labels(self, labels: Tensor, batch: int) -> Tensor:
-        "Class labels (B,) in [0, num_classes] (num_classes = null), or ValueError."
-        labels = torch.as_tensor(labels).reshape(-1).long()
+        "Class labels (B,), or one for all, -> int64 (B,) in [0, num_classes] (num_classes = null); TypeError for non-integer labels (2.7 is not truncated to 2), ValueError for a wrong count or range."
+        labels = torch.as_tensor(labels).reshape(-1)
         if labels.numel() == 1 and batch > 1: labels = labels.expand(batch)
-        if labels.shape[0] != batch:
-            raise ValueError(f"need one label per sample ({batch}), got {labels.shape[0]}")
-        if labels.numel() and (labels.min() < 0 or labels.max() > self.cfg.num_classes):
-            raise ValueError(f"class label outside [0, {self.cfg.num_classes}]: {labels.tolist()}")
-        return labels
+        return check_class_labels(labels, self.cfg.num_classes + 1, "labels", batch=batch)
+
+    def check_attn_mask(self, attn_mask: Tensor, batch: int) -> None:
+        "A uniform NAT's boolean mask (B, 1, L, L) (or per head), True = may attend; ENAT refuses any mask: its encoder-decoder split already says who reads whom, and the official model takes none."
+        cfg, L = self.cfg, self.cfg.seq_len
+        if not cfg.uniform:
+            raise ValueError(f"attn_mask is for a uniform NAT (cfg.uniform=True) only: ENAT (enc_dec={cfg.enc_dec}) encodes the "
+                             "visible tokens and decodes the [MASK] tokens from them, so it would ignore the mask (the official "
+                             f"model takes none); got attn_mask of shape {tuple(attn_mask.shape)}")
+        if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool:
+            raise TypeError(f"attn_mask must be boolean (True = may attend), got dtype {getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
+        want = (batch, cfg.num_heads, L, L)
+        try: ok = torch.broadcast_shapes(tuple(attn_mask.shape), want) == want
+        except RuntimeError: ok = False
+        if not ok:
+            raise ValueError(f"attn_mask must be (B, 1, L, L) = ({batch}, 1, {L}, {L}) or per head ({batch}, {cfg.num_heads}, {L}, {L}), "
+                             f"got shape {tuple(attn_mask.shape)}")
 
     def head(self, feat: Tensor) -> Tensor:
         "Final LayerNorm and the tied MLM head, [MASK] logit dropped: (B, L, C) -> (B, L, codebook_size)."
@@ -261,6 +273,7 @@ class ENAT(nn.Module):
         ids = self.check_ids(ids)
         x = self.x_embedder(ids)
         c = self.y_embedder(self.check_labels(labels, ids.shape[0]))
+        if attn_mask is not None: self.check_attn_mask(attn_mask, ids.shape[0])
         masking = ids == self.cfg.mask_id
         if self.cfg.uniform:
             if prev is not None:
@@ -303,7 +316,8 @@ class ENAT(nn.Module):
 
 # %% ../nbs/13_enat.ipynb #f44afaef
 def beta_order_stat(a: int, b: int, n: int = 1, generator: torch.Generator | None = None) -> Tensor:
-    "Beta(a, b) draws for integer a, b as the a-th smallest of a+b−1 uniforms (seedable by a generator): -> (n,)."
+    "Beta(a, b) draws for whole a, b >= 1 as the a-th smallest of a+b−1 uniforms (seedable by a generator): -> (n,)."
+    check_int(a, "a"); check_int(b, "b"); check_int(n, "n", low=0)   # Beta(0, 3) is no distribution: a = 0 would draw Beta(2, 1)
     return torch.rand(n, a + b - 1, generator=generator).sort(-1).values[:, a - 1]
 
 
@@ -370,6 +384,10 @@ def train_nat(cfg: ENATConfig, tokens: Tensor, labels: Tensor, steps: int, batch
     "Train a NAT on tokens (N, L) with labels (N,) by the official recipe scaled down: AdamW (official `betas` by default), linear warm-up then constant lr, label dropout ('official': `p_uncond` in the data, then the model's `class_dropout`; 'single': one draw at `class_dropout`), EMA, reuse branch."
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be an integer tensor (N, L) of token ids, got {getattr(tokens, 'dtype', type(tokens).__name__)} "
+                        f"{tuple(getattr(tokens, 'shape', ()))}")
+    labels = check_class_labels(labels, cfg.num_classes, "labels", batch=len(tokens))   # the data's classes: the null class comes from dropout
     if label_dropout not in ("official", "single"):
         raise ValueError(f"label_dropout must be 'official' (p_uncond in the data, then the model's class_dropout) or 'single', got {label_dropout!r}")
     if not 0 <= p_uncond <= 1:

@@ -188,6 +188,9 @@ class InLineDeiTConfig:
     kernel_func: str = "identity"
     drop_path_rate: float = 0.1   # official config default (_C.MODEL.DROP_PATH_RATE); the DeiT yamls keep it
 
+    def __post_init__(self):
+        check_heads(self.embed_dim, self.num_heads)   # a clear ValueError before timm's bare AssertionError
+
 
 @dataclass(frozen=True)
 class InLineSwinConfig:
@@ -202,6 +205,12 @@ class InLineSwinConfig:
     local: bool = True
     kernel_func: str = "identity"
     drop_path_rate: float = 0.2   # cfgs/inline_swin_t.yaml
+
+    def __post_init__(self):
+        if len(self.num_heads) != len(self.depths):
+            raise ValueError(f"need one num_heads per stage: depths {self.depths}, num_heads {self.num_heads}")
+        for s, heads in enumerate(self.num_heads):   # stage s is embed_dim·2^s wide
+            check_heads(self.embed_dim * 2 ** s, heads)
 
 
 MODEL_CONFIGS: dict[str, InLineDeiTConfig | InLineSwinConfig] = {
@@ -330,6 +339,8 @@ def paper_numbers() -> dict:
 
 def model_cost(name: str) -> dict:
     "Parameters (M) and multiply-adds (G) of a registered model at its paper resolution, random weights."
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown InLine model {name!r}: expected one of {sorted(MODEL_CONFIGS)}")
     cfg = MODEL_CONFIGS[name]
     model = build_model(cfg)
     x = torch.randn(1, 3, cfg.img_size, cfg.img_size)

@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 from .attention import (QKVAttention, mediator_attention, mediator_attention_weights, mediator_weights_pair,
                                 merge_heads, softmax_attention_weights)
 from .core import count_flops, count_params, deterministic, data_dir
-from .diffusion import (DiT, DiTConfig, SelfAttention, _model_dtype, digits_for_diffusion, dit_config, euler_sample,
+from .diffusion import (DIT_CONFIGS, DiT, DiTConfig, SelfAttention, _model_dtype, digits_for_diffusion, dit_config, euler_sample,
                                 guided_velocity, sde_last_step, sde_sample, sde_step, sde_times, tiny_dit_config, train_flow)
 from .ledger import wilson_interval
 from .metrics import sample_quality
 
 # %% auto #0
-__all__ = ['mediator_grid', 'MediatorAttention', 'mediator_sit', 'paper_numbers', 'model_cost', 'pairwise_jsd', 'jsd_score',
-           'softmax_block_weights', 'block_weights', 'attention_along_sampling', 'toy_mediator_dit',
+__all__ = ['mediator_grid', 'MediatorAttention', 'sit_config', 'mediator_sit', 'paper_numbers', 'model_cost', 'pairwise_jsd',
+           'jsd_score', 'softmax_block_weights', 'block_weights', 'attention_along_sampling', 'toy_mediator_dit',
            'redundancy_along_sampling', 'run_arm', 'run_dynamic', 'run_jobs', 'learned_the_data', 'plot_mediator_maps',
            'plot_implied_vs_softmax', 'GaussianToyField', 'step_distance', 'dynamic_sample', 'switch_steps',
            'mediator_token_mixing']
@@ -93,9 +93,17 @@ class MediatorAttention(QKVAttention):
         return self.proj(out + self.dwc(v_grid).flatten(2).transpose(1, 2))
 
 # %% ../nbs/11_mediators.ipynb #9afb89b5
+def sit_config(name: str, **overrides) -> DiTConfig:
+    "The network of a SiT or DiT name ('SiT-XL/2' is the DiT-XL/2 network trained as a flow); ValueError naming the known ones otherwise."
+    dit = name.replace("SiT", "DiT") if isinstance(name, str) else name
+    if dit not in DIT_CONFIGS:
+        raise ValueError(f"unknown model {name!r}: expected one of {[n.replace('DiT', 'SiT') for n in DIT_CONFIGS]} or their DiT names")
+    return dit_config(dit, **overrides)
+
+
 def mediator_sit(name: str, num_mediators: int, **overrides) -> DiT:
     "A DiT/SiT config by name (e.g. 'SiT-XL/2') with M mediators in every block, random weights."
-    cfg = dit_config(name.replace("SiT", "DiT"), **overrides)
+    cfg = sit_config(name, **overrides)
     mediator_grid(num_mediators)
     side = cfg.input_size // cfg.patch_size
     return DiT(cfg, attn_factory=partial(MediatorAttention, latent_side=side, num_mediators=num_mediators))
@@ -109,7 +117,7 @@ def paper_numbers() -> dict:
 def model_cost(name: str, num_mediators: int | None = None) -> dict:
     "Parameters (M) and GFLOPs (multiply-adds) at 256 px of a mediator SiT (or the plain DiT when M is None), on meta."
     with torch.device("meta"):
-        model = DiT(dit_config(name.replace("SiT", "DiT"))) if num_mediators is None else mediator_sit(name, num_mediators)
+        model = DiT(sit_config(name)) if num_mediators is None else mediator_sit(name, num_mediators)
         x, t, y = torch.randn(1, 4, 32, 32), torch.zeros(1), torch.zeros(1, dtype=torch.long)
     return {"params_M": count_params(model) / 1e6, "flops_G": count_flops(model, x, t, y).giga}
 

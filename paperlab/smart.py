@@ -22,6 +22,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .attention import check_heads
 from .core import SpeedComparison, atomic_write, cache_dir, data_dir, seed_everything
 from .data import PALETTE, SHAPE_CLASSES, shape_mask
 from .ledger import Claim, Ledger, below, paired_control
@@ -34,13 +35,13 @@ __all__ = ['THING_COLORS', 'PATTERNS', 'STUFF_CLASSES', 'THING_CLASSES', 'CLASSE
            'tokenize', 'TinyClipConfig', 'tiny_clip', 'clip_input', 'text_classifier', 'caption', 'clip_loss',
            'pretrain_clip', 'cached_module', 'pretrained_clip', 'mask_pooling', 'valid_masks', 'pooled_embedding',
            'classification_logits', 'geometric_ensemble', 'semantic_inference', 'panoptic_inference', 'segments_of',
-           'panoptic_quality', 'pq_subset', 'mean_iou', 'MaskGeneratorConfig', 'clip_tokens', 'MaskGenerator',
-           'hungarian_match', 'set_loss', 'relabel', 'train_mask_generator', 'trained_mask_generator', 'train_scenes',
-           'block_forward', 'mask_attention_bias', 'ClassifierConfig', 'query_rows_mask', 'query_projection_params',
-           'MaskClassifier', 'pad_masks', 'train_classifier', 'predict', 'evaluate', 'full_size_clip',
-           'vit_tower_formula', 'tower_counts', 'eval_scenes', 'run_arm', 'run_experiment', 'CoarseMasks',
-           'run_controls', 'mask_token_attention', 'plot_mask_attention', 'per_seed', 'experiment_claims',
-           'cost_claims', 'headline_summary']
+           'panoptic_quality', 'pq_subset', 'mean_iou', 'MaskGeneratorConfig', 'check_images', 'check_text',
+           'check_batch', 'clip_tokens', 'MaskGenerator', 'hungarian_match', 'set_loss', 'relabel',
+           'train_mask_generator', 'trained_mask_generator', 'train_scenes', 'block_forward', 'mask_attention_bias',
+           'ClassifierConfig', 'query_rows_mask', 'query_projection_params', 'MaskClassifier', 'pad_masks',
+           'train_classifier', 'predict', 'evaluate', 'full_size_clip', 'vit_tower_formula', 'tower_counts',
+           'eval_scenes', 'run_arm', 'run_experiment', 'CoarseMasks', 'run_controls', 'mask_token_attention',
+           'plot_mask_attention', 'per_seed', 'experiment_claims', 'cost_claims', 'headline_summary']
 
 # %% ../nbs/33_smart.ipynb #1e81d94f
 THING_COLORS = ("red", "green", "blue", "yellow")  # indices 0..3 of paperlab.data.PALETTE
@@ -159,6 +160,11 @@ class TinyClipConfig:
     text_layers: int = 2
     text_heads: int = 4
     context_length: int = 8
+
+    def __post_init__(self):
+        check_heads(self.width, self.heads); check_heads(self.text_width, self.text_heads)   # before open_clip's AssertionError
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
 
 
 def tiny_clip(cfg: TinyClipConfig = TinyClipConfig()) -> open_clip.CLIP:
@@ -428,10 +434,34 @@ class MaskGeneratorConfig:
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
 
+    def __post_init__(self):
+        check_heads(self.dim, self.heads)   # before torch's AssertionError in nn.MultiheadAttention
+
+
+def check_images(visual: nn.Module, images: Tensor) -> None:
+    "ValueError unless images are (B, 3, S, S) at the image tower's size S (its position table fixes the token count)."
+    size = tuple(visual.image_size)
+    if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (3, *size):
+        raise ValueError(f"images must be (B, 3, {size[0]}, {size[1]}) for this CLIP, got {tuple(getattr(images, 'shape', ()))}")
+
+
+def check_text(text: Tensor, width: int) -> None:
+    "ValueError unless text is (C, width) class embeddings with C >= 1."
+    if not isinstance(text, Tensor) or text.dim() != 2 or text.shape[0] < 1 or text.shape[1] != width:
+        raise ValueError(f"text must be (C, {width}) class embeddings with C >= 1, got {tuple(getattr(text, 'shape', ()))}")
+
+
+def check_batch(**tensors: Tensor) -> None:
+    "ValueError unless the named tensors share their first (batch) dimension."
+    sizes = {k: len(v) for k, v in tensors.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError("batch sizes differ: " + ", ".join(f"{k} {n}" for k, n in sizes.items()))
+
 
 @torch.no_grad()
 def clip_tokens(visual: nn.Module, images: Tensor) -> Tensor:
     "Frozen ViT tokens after the last block (before ln_post): (B, 3, H, W) -> (B, 1 + N, width)."
+    check_images(visual, images)
     return visual.transformer(visual._embeds(clip_input(images)))
 
 
@@ -456,6 +486,11 @@ class MaskGenerator(nn.Module):
 
     def forward(self, images: Tensor, tokens: Tensor, text: Tensor) -> dict:
         "images (B, 3, H, W), CLIP tokens (B, 1 + N, width), text (C, E) -> pred_logits (B, Q, C + 1), pred_masks (B, Q, H, W)."
+        if images.dim() != 4 or images.shape[1] != 3: raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        check_batch(images=images, tokens=tokens)
+        want = (len(images), 1 + self.grid ** 2, self.proj.in_features)
+        if tuple(tokens.shape) != want: raise ValueError(f"tokens must be CLIP tokens (B, 1 + {self.grid}², width) = {want}, got {tuple(tokens.shape)}")
+        check_text(text, self.class_embed.out_features)
         B, _, H, W = images.shape
         mem = self.proj(tokens[:, 1:]) + self.pos
         up = F.interpolate(mem.transpose(1, 2).reshape(B, -1, self.grid, self.grid), size=(H, W), mode="bilinear", align_corners=False)
@@ -513,6 +548,7 @@ def relabel(scene: dict, vocab: Sequence[str]) -> dict:
 def train_mask_generator(clip: open_clip.CLIP, train: Sequence[dict], cfg: MaskGeneratorConfig = MaskGeneratorConfig(),
                          steps: int = 600, batch: int = 32, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> MaskGenerator:
     "Train the mask generator on seen classes over the frozen CLIP (features computed once)."
+    if len(train) == 0: raise ValueError("train has no scenes: train_mask_generator needs at least one scene")
     seed_everything(seed)
     vocab = SEEN
     text = text_classifier(clip, vocab)
@@ -651,6 +687,10 @@ class MaskClassifier(nn.Module):
     def forward(self, images: Tensor, masks: Tensor, text: Tensor, return_attn: bool = False, allow_empty: bool = False):
         "Logits (B, Q, C) of masks (B, Q, H, W), bool or float logits (inside where > 0), against `text` (C, E); return_attn adds the mask tokens' attention (B, Q, N)."
         vis, cfg = self.visual, self.cfg
+        check_images(vis, images)
+        if masks.dim() != 4: raise ValueError(f"masks must be (B, Q, H, W), got {tuple(masks.shape)}")
+        check_batch(images=images, masks=masks)
+        check_text(text, vis.output_dim)
         x = vis._embeds(clip_input(images))
         blocks = vis.transformer.resblocks
         first = len(blocks) - cfg.mask_layers
@@ -693,6 +733,7 @@ class MaskClassifier(nn.Module):
 # %% ../nbs/33_smart.ipynb #7784562e
 def pad_masks(batch: Sequence[dict], vocab: Sequence[str]) -> tuple[Tensor, Tensor]:
     "Ground-truth masks of scenes padded to (B, G, H, W) and labels (B, G) into `vocab` (-100 on padding)."
+    if len(batch) == 0: raise ValueError("batch has no scenes: pad_masks needs at least one scene")
     G = max(len(s["labels"]) for s in batch)
     H, W = batch[0]["masks"].shape[1:]
     masks = torch.zeros(len(batch), G, H, W, dtype=torch.bool)
@@ -708,6 +749,7 @@ def train_classifier(clf: MaskClassifier, clip: open_clip.CLIP, train: Sequence[
     "Cross-entropy over the seen vocabulary on ground-truth masks; AdamW without weight decay (QPT's frozen rows stay put)."
     params = [p for p in clf.parameters() if p.requires_grad]
     if not params or steps == 0: return clf.eval()
+    if len(train) == 0: raise ValueError(f"train has no scenes: train_classifier needs at least one scene for {steps} steps")
     seed_everything(seed)
     text = text_classifier(clip, SEEN)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -732,6 +774,7 @@ def predict(gen: MaskGenerator, clf: MaskClassifier | None, clip: open_clip.CLIP
             ensemble_on_valid_mask: bool = False) -> dict:
     "Panoptic and semantic predictions for `test` scenes; oracle None, 'classification' or 'masks'; FC-CLIP's ensemble_on_valid_mask option."
     if oracle not in (None, "classification", "masks"): raise ValueError(f"unknown oracle {oracle!r}")
+    if len(test) == 0: raise ValueError("test has no scenes: predict needs at least one scene")
     text = text_classifier(clip, CLASSES)
     panoptic, semantic = [], []
     for i in range(0, len(test), batch):
@@ -778,6 +821,9 @@ def _iou_match(pred: Tensor, gt: Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate(pred: dict, test: Sequence[dict]) -> dict:
     "PQ (all, things, stuff, seen, unseen), SQ, RQ and mIoU of predictions on `test` scenes, in percent."
+    if len(test) == 0: raise ValueError("test has no scenes: evaluate needs at least one scene")
+    if len(pred["panoptic"]) != len(test):
+        raise ValueError(f"pred has {len(pred['panoptic'])} panoptic predictions for {len(test)} test scenes")
     gts = [[(m, int(c)) for m, c in zip(s["masks"], s["labels"])] for s in test]
     r = panoptic_quality(pred["panoptic"], gts, len(CLASSES))
     sem_gt = torch.stack([semantic_map(s) for s in test])

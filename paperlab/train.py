@@ -21,6 +21,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from .attention import check_class_labels
 from .core import atomic_write, seed_everything
 
 # %% auto #0
@@ -103,6 +104,11 @@ def check_settings(epochs: int, lr: float, batch_size: int, weight_decay: float)
     if weight_decay < 0: raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
 
+def _check_targets(y: Any, class_ids: bool, name: str = "train_ds labels") -> None:
+    "Under the default cross-entropy (`class_ids`), targets y (N,) must be integer class ids: TypeError for a float 2.7, which is no class; (N, C) probabilities pass."
+    if class_ids and isinstance(y, Tensor) and y.dim() == 1: check_class_labels(y, name=name)
+
+
 def fit(model: nn.Module, train_ds: Dataset, *, epochs: int, lr: float = 1e-3, batch_size: int = 64,
         weight_decay: float = 0.05, seed: int = 0, loss_fn: Callable | None = None,
         checkpoint_dir: str | Path | None = None, progress: bool = True, accelerator: Accelerator | None = None,
@@ -113,6 +119,7 @@ def fit(model: nn.Module, train_ds: Dataset, *, epochs: int, lr: float = 1e-3, b
     t0 = time.perf_counter()
     accelerator = accelerator or default_accelerator()
     check_launch(accelerator)
+    class_ids = loss_fn is None
     loss_fn = loss_fn or F.cross_entropy
     config = _run_config(train_ds, epochs, lr, batch_size, weight_decay, seed)
 
@@ -147,6 +154,7 @@ def fit(model: nn.Module, train_ds: Dataset, *, epochs: int, lr: float = 1e-3, b
                    disable=not (progress and accelerator.is_local_main_process))
         for batch in bar:
             x, y = split_batch(batch)
+            _check_targets(y, class_ids)
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -187,6 +195,7 @@ def predict(model: nn.Module, ds: Dataset, batch_size: int = 256) -> tuple[torch
 def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 256) -> float:
     "Top-1 accuracy of `model` on `ds`, a float in [0, 1]."
     logits, y = predict(model, ds, batch_size)
+    check_class_labels(y, name="ds labels", batch=len(logits))
     return (logits.argmax(1) == y).float().mean().item()
 
 # %% ../nbs/03_train.ipynb #689ae85e
@@ -343,8 +352,9 @@ def fit_seeds(make_model: Callable[[int], nn.Module], seeds: Sequence[int], trai
     "Train `make_model(s)` for every seed `s` at once, each as `seed_everything(s); fit(make_model(s), train_ds, seed=s)` would."
     check_settings(epochs, lr, batch_size, weight_decay)
     t0 = time.perf_counter()
-    loss_fn = loss_fn or F.cross_entropy
     x, y = dataset_tensors(train_ds)
+    _check_targets(y, loss_fn is None)
+    loss_fn = loss_fn or F.cross_entropy
     sb = stack_seeds(make_model, seeds)
     names, params = list(sb.params), list(sb.params.values())
     if x.is_floating_point() and x.dtype != params[0].dtype:
@@ -392,6 +402,7 @@ def fit_seeds_reference(make_model: Callable[[int], nn.Module], seeds: Sequence[
     check_settings(epochs, lr, batch_size, weight_decay)
     seeds = _check_seeds(seeds)
     t0 = time.perf_counter()
+    class_ids = loss_fn is None
     loss_fn = loss_fn or F.cross_entropy
     if isinstance(train_ds, (tuple, list)): train_ds = TensorDataset(*dataset_tensors(train_ds))
     models, step_losses, epoch_losses = [], [], []
@@ -408,6 +419,7 @@ def fit_seeds_reference(make_model: Callable[[int], nn.Module], seeds: Sequence[
             loss_sum = 0.0
             for batch in loader:
                 x, y = split_batch(batch)
+                _check_targets(y, class_ids)
                 loss = loss_fn(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

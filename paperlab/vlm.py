@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .attention import check_heads
 from .core import atomic_write, get_mode, results_dir, seed_everything
 from .data import COLOR_NAMES, PALETTE, SHAPE_CLASSES, shape_mask
 
@@ -207,6 +208,10 @@ class VLMConfig:
     intermediate_size: int = 128
     vocab_size: int = len(Vocab())
     max_text_len: int = 8
+
+    def __post_init__(self):
+        check_heads(self.vision_width, self.vision_heads)   # a clear error before timm's bare AssertionError
+        check_heads(self.hidden_size, self.num_heads)
 
     @property
     def n_vis(self) -> int: return (self.image_size // self.patch_size) ** 2

@@ -72,8 +72,12 @@ def test_bad_inputs():
     model = DyDiT(dydit_from(tiny_dit_config(depth=1))).eval()
     with pytest.raises(ValueError, match="shape"):
         model(torch.randn(2, 1, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="t and y"):
+    with pytest.raises(ValueError, match=r"t must be \(2,\).*\(3,\)"):
         model(torch.randn(2, 1, 16, 16), torch.zeros(3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"y must be \(2,\).*\(3,\)"):
+        model(torch.randn(2, 1, 16, 16), torch.zeros(2), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="y must be integer class ids"):   # a float label is refused, not truncated
+        model(torch.randn(2, 1, 16, 16), torch.zeros(2), torch.tensor([2.7, 1.0]))
     with pytest.raises(ValueError, match="all 1 blocks"):
         flops_ratio([], model.cfg)
     with pytest.raises(ValueError, match="steps"):
