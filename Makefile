@@ -44,21 +44,35 @@ test: install lint
 	  PAPERLAB_MODE=quick PAPERLAB_RESULTS="$$tmp" $(PY) -m pytest -q tests --ignore=tests/test_browser.py; \
 	  $(PYTEST_OK_IF_EMPTY)
 
+# two chapters at a time ($(JOBS), one thread each), the index last; their timed sections take turns under the timing
+# lock of results/ (paperlab.ledger.timing_lock), so no speed ratio is measured while the other chapter computes.
+# `paperlab times` prints each chapter's wall and CPU time beside its budget (6 min in full mode; tests/test_budgets.py)
 book: install
-	$(BIN)/paperlab reproduce --all --mode full
+	$(PY) -c "from paperlab.cli import chapters; print('\n'.join(c for c in chapters() if c != 'index'))" | \
+	  OMP_NUM_THREADS=1 xargs -P $(JOBS) -I{} $(BIN)/paperlab reproduce {} --mode full
+	OMP_NUM_THREADS=1 $(BIN)/paperlab reproduce index --mode full
+	$(BIN)/paperlab times
 	$(BIN)/paperlab docs build --out _docs
 	$(BIN)/paperlab docs readme
 
 # the kernel "python3" of JupyterLab is this environment's Python: registered inside the venv (--sys-prefix) with its
 # absolute path, so it holds whichever jupyter finds it; ROOT=1 adds --allow-root (needed when running as root)
 # lab/overrides.json: JupyterLab's settings for the book (no news popup, the kernel started without asking)
+# lab/custom/: custom.css and the font that draws ⏱; JupyterLab serves custom/ from its config dir, the venv's etc/jupyter
+# for `make lab` (with --LabApp.custom_css=True); a reader's own Lab settings and workspaces stay where they were
 kernel: install
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (paperlab)" >/dev/null
 	@mkdir -p $(VENV)/share/jupyter/lab/settings && cp lab/overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
+	@mkdir -p $(VENV)/etc/jupyter/custom && cp lab/custom/* $(VENV)/etc/jupyter/custom/
 
 LAB_ARGS ?=
+LAB_ROOT ?= nbs
+LAB_CONFIG := $(abspath $(VENV))/etc/jupyter
 lab: kernel
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter lab --ServerApp.root_dir=nbs --ServerApp.default_url=/lab/tree/index.ipynb \
+	PATH="$(abspath $(BIN)):$$PATH" \
+	  JUPYTERLAB_SETTINGS_DIR="$${JUPYTERLAB_SETTINGS_DIR:-$${JUPYTER_CONFIG_DIR:-$$HOME/.jupyter}/lab/user-settings}" \
+	  JUPYTERLAB_WORKSPACES_DIR="$${JUPYTERLAB_WORKSPACES_DIR:-$${JUPYTER_CONFIG_DIR:-$$HOME/.jupyter}/lab/workspaces}" \
+	  JUPYTER_CONFIG_DIR="$(LAB_CONFIG)" $(BIN)/jupyter lab --ServerApp.root_dir=$(LAB_ROOT) --ServerApp.default_url=/lab/tree/index.ipynb --LabApp.custom_css=True \
 	  $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # every chapter in quick mode into $(QUICK), then nbval reruns them, then the site and the browser tests. Chapters run

@@ -25,10 +25,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 # %% auto #0
-__all__ = ['MODES', 'get_mode', 'by_mode', 'seed_everything', 'machine_info', 'deterministic', 'repo_root', 'book_path',
-           'data_dir', 'cache_dir', 'cache_key', 'results_dir', 'atomic_write', 'save_figure', 'device_results',
-           'count_params', 'FlopCount', 'count_flops', 'median_interval', 'SpeedComparison', 'compare_speed',
-           'speed_table', 'timed', 'timed_frame', 'peak_memory']
+__all__ = ['MODES', 'TIMED_WIDTH', 'get_mode', 'by_mode', 'seed_everything', 'machine_info', 'deterministic', 'repo_root',
+           'book_path', 'data_dir', 'cache_dir', 'cache_key', 'results_dir', 'atomic_write', 'save_figure',
+           'device_results', 'count_params', 'FlopCount', 'count_flops', 'median_interval', 'SpeedComparison',
+           'compare_speed', 'speed_table', 'profile_ops', 'profile_table', 'fmt_number', 'fmt_seconds', 'timed',
+           'column_unit', 'timed_frame', 'peak_memory']
 
 # %% ../nbs/00_core.ipynb #b797037b
 MODES = ("quick", "full")
@@ -321,20 +322,145 @@ def speed_table(comparisons: dict[str, SpeedComparison]):
     return pd.DataFrame([{"name": n, "ratio": c.ratio, "lo": c.interval[0], "hi": c.interval[1],
                           "repeats": len(c.ratios), "threads": c.threads} for n, c in comparisons.items()]).set_index("name")
 
+# %% ../nbs/00_core.ipynb #59141ddd
+import contextlib
+import sys
+
+
+@contextlib.contextmanager
+def _quiet_fds():
+    "Send the process's stdout and stderr (file descriptors 1 and 2) to /dev/null: the profiler's C++ start/stop log lines, which carry a pid."
+    sys.stdout.flush(); sys.stderr.flush()
+    saved, null = [os.dup(1), os.dup(2)], os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1); os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+        for fd in (*saved, null): os.close(fd)
+
+
+def profile_ops(fns: dict[str, Callable], *inputs: Any, repeats: int = 3, top: int = 8, warmup: int = 1,
+                arithmetic: float | None = None):
+    "Self CPU time per operator (ms per call, `torch.profiler`) of each named `fns[name](*inputs)`, side by side: the `top` operators by the largest |difference| between the first two (method first, baseline second), each with its share of each function's total self time; with `arithmetic` (baseline ÷ method, e.g. a MACs ratio) also each operator's excess, method − baseline ÷ arithmetic: the time above what the arithmetic ratio predicts if every operator shrank alike, and the table is sorted by it; `.attrs['reading']` names where the method's time goes."
+    import pandas as pd
+    from torch.profiler import ProfilerActivity, profile
+    if not fns:
+        raise ValueError("profile_ops needs at least one function")
+    if repeats < 1 or top < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1, top >= 1 and warmup >= 0, got repeats={repeats}, top={top}, warmup={warmup}")
+    names, times = list(fns), {}
+    for name in names:
+        for _ in range(warmup): fns[name](*inputs)
+        with _quiet_fds(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats): fns[name](*inputs)
+        times[name] = {e.key: e.self_cpu_time_total / 1e3 / repeats for e in prof.key_averages()}   # µs -> ms per call
+    ops = sorted(set().union(*times.values()))
+    df = pd.DataFrame({f"{n} ms": [times[n].get(o, 0.0) for o in ops] for n in names}, index=pd.Index(ops, name="operator"))
+    totals = {n: float(df[f"{n} ms"].sum()) for n in names}
+    if len(names) > 1:
+        df["difference ms"] = df[f"{names[0]} ms"] - df[f"{names[1]} ms"]
+    for n in names:
+        df[f"{n} share"] = 100 * df[f"{n} ms"] / totals[n] if totals[n] > 0 else 0.0
+    if arithmetic is not None and len(names) > 1:
+        df["excess ms"] = df[f"{names[0]} ms"] - df[f"{names[1]} ms"] / arithmetic
+        key = df["excess ms"]
+    else:
+        key = (df["difference ms"] if len(names) > 1 else df[f"{names[0]} ms"]).abs()
+    df = df.loc[key.sort_values(ascending=False, kind="stable").index[:top]].reset_index()
+    df.index = pd.RangeIndex(1, len(df) + 1, name="rank")
+    df = df[[c for c in df.columns if c != "operator"] + ["operator"]]      # the name last: behind the ⏱ of its line
+    first = times[names[0]]
+    op = max(sorted(first), key=first.get)
+    reading = f"{names[0]} spends most of its self time in ⏱ {op} ({100 * first[op] / totals[names[0]]:.0f}% of {totals[names[0]]:.3g} ms per call)"
+    if len(names) > 1:
+        base = times[names[1]]
+        op_b = max(sorted(base), key=base.get)
+        reading += f"; {names[1]} in {op_b} ({100 * base[op_b] / totals[names[1]]:.0f}% of {totals[names[1]]:.3g} ms)"
+    if "excess ms" in df:
+        reading += (f"; the most time above the arithmetic ratio ({arithmetic:.3g}×) is in {df.operator.iloc[0]} "
+                    f"({df['excess ms'].iloc[0]:.3g} of {totals[names[0]] - totals[names[1]] / arithmetic:.3g} ms per call)")
+    df.attrs.update(reading=reading, totals_ms=totals, ops_ms=times)
+    return df
+
+
+def profile_table(df) -> str:
+    "A `profile_ops` table as text, every number behind ⏱ (times in ms, shares in %) and the operator last on its line, so that reruns compare equal."
+    numeric = [c for c in df.columns if c != "operator"]
+    text = timed_frame(df, numeric, units={c: ("%" if c.endswith("share") else "ms") for c in numeric}).to_string(justify="left")
+    # the header lines hold no ⏱: their padding follows the longest operator name, so it is cut off at the line's end
+    return "\n".join(line.rstrip() for line in text.splitlines())
+
+
 # %% ../nbs/00_core.ipynb #352c6e5c
-def timed(x: float, fmt: str = ".3g") -> str:
-    "A wall-clock number as the book prints it: behind a stopwatch mark (`⏱ 12.3`)."
-    return f"⏱ {x:{fmt}}"
+import math
+import re
+
+_TIME_UNITS = ((3600.0, "h"), (60.0, "min"), (1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns"))
+_ATTACHED = {"×", "%"}          # units written against the number (1.50×, 42.0%); others after a space (60.0 ms)
 
 
-def timed_frame(df, columns: Sequence[str]):
-    "A copy of DataFrame `df` whose wall-clock `columns` print as fixed-width `⏱ 1.234e+01` strings."
-    missing = [c for c in columns if c not in df.columns]
+def _round_sig(x: float, digits: int) -> float:
+    "x rounded to `digits` significant digits (so that 9.996 is 10.0 before its digits are counted)."
+    return float(f"{x:.{digits - 1}e}")
+
+
+def fmt_number(x: float, unit: str = "", digits: int = 3) -> str:
+    "`x` for reading: `digits` significant digits without an exponent (from 1e-4 up; whole numbers from 10**digits on, grouped `12,345`), then `unit`."
+    x = float(x)
+    if not math.isfinite(x): s = str(x)
+    elif x == 0: s = "0"
+    elif abs(x) >= 10 ** digits: s = f"{x:,.0f}"
+    elif abs(x) >= 1e-4:
+        r = _round_sig(x, digits)
+        s = f"{r:.{max(0, digits - 1 - math.floor(math.log10(abs(r))))}f}"
+    else: s = f"{x:.{digits - 1}e}"
+    if not unit: return s
+    return s + unit if unit in _ATTACHED else f"{s} {unit}"
+
+
+def fmt_seconds(seconds: float, digits: int = 3) -> str:
+    "A duration in seconds for reading, in the unit that puts 1 to 3 digits before the point (h, min, s, ms, µs, ns): 0.06 -> '60.0 ms'."
+    s = float(seconds)
+    if not math.isfinite(s) or s == 0: return fmt_number(s, "s", digits)
+    r = _round_sig(s, digits)
+    scale, unit = next((sc, u) for sc, u in _TIME_UNITS if abs(r) >= sc or u == "ns")
+    return fmt_number(s / scale, unit, digits)
+
+
+_SCALE = {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9, "min": 60.0, "h": 3600.0}
+
+
+def timed(x: float, unit: str = "", width: int | None = None, fmt: str | None = None) -> str:
+    "A wall-clock number as the book prints it, behind a stopwatch mark: a duration in `unit` s/ms/µs/ns/min/h (`⏱ 60.0 ms`), else `fmt_number(x, unit)` (`⏱ 1.50×`); `width` right-aligns it."
+    if fmt is not None: s = f"{x:{fmt}}" + (f" {unit}" if unit else "")
+    elif unit in _SCALE: s = fmt_seconds(float(x) * _SCALE[unit])
+    else: s = fmt_number(x, unit)
+    return f"⏱ {s:>{width}}" if width else f"⏱ {s}"
+
+
+_DURATION_COLUMN = (("ms", re.compile(r"(^|[\W_])ms($|[\W_])|millisec", re.I)),
+                    ("s", re.compile(r"(^|[\W_])s($|[\W_])|sec(ond)?s?\b|(^|_)s$|^s/", re.I)))
+_RATIO_COLUMN = re.compile(r"speed.?up|slow.?down|ratio|_over_| over | / |×", re.I)
+TIMED_WIDTH = 9   # the widest value fmt_seconds / fmt_number write in their usual range: "12.3 min", "-0.00123", "1,234×"
+
+
+def column_unit(name: str) -> str:
+    "The unit `timed_frame` gives a column from its name: 'ms' or 's' for durations, '×' for ratios, '' otherwise."
+    for unit, pattern in _DURATION_COLUMN:
+        if pattern.search(str(name)) and not _RATIO_COLUMN.search(str(name)): return unit
+    return "×" if _RATIO_COLUMN.search(str(name)) else ""
+
+
+def timed_frame(df, columns: Sequence[str], units: dict[str, str] | None = None):
+    "A copy of DataFrame `df` whose wall-clock `columns` print as fixed-width `⏱ 60.0 ms` / `⏱ 1.50×` strings (units from `units`, else `column_unit`)."
+    missing = [c for c in [*columns, *(units or {})] if c not in df.columns]
     if missing:
         raise ValueError(f"no columns {missing} in the table (has {list(df.columns)})")
     out = df.copy()
     for c in columns:
-        out[c] = [timed(float(v), ".3e") for v in df[c]]
+        unit = (units or {}).get(c, column_unit(c))
+        out[c] = [timed(float(v), unit, width=TIMED_WIDTH) for v in df[c]]
     return out
 
 # %% ../nbs/00_core.ipynb #6a7b82da

@@ -12,6 +12,7 @@ import errno
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import re
 import shutil
@@ -26,10 +27,12 @@ from nbformat import NotebookNode
 from .core import atomic_write, repo_root, results_dir
 
 # %% auto #0
-__all__ = ['HEADLINE_INTRO', 'EFFICIENCY_INTRO', 'README_HEADER', 'chapter_name', 'readable_results', 'chapter_folder',
-           'executed_path', 'saved_ledgers', 'split_directives', 'page_cell', 'default_exp', 'api_objects',
-           'source_line', 'api_entry', 'api_reference_cell', 'write_source_pages', 'stage_notebook', 'list_notebooks',
-           'stage_site', 'recover_folder', 'swap_folder', 'build_docs', 'readme_markdown', 'write_readme', 'main']
+__all__ = ['HEADLINE_INTRO', 'EFFICIENCY_INTRO', 'STOPWATCH_FAMILY', 'STOPWATCH_CHAR', 'STOPWATCH_FILES', 'README_HEADER',
+           'chapter_name', 'readable_results', 'chapter_folder', 'executed_path', 'saved_ledgers', 'split_directives',
+           'widget_outputs', 'page_cell', 'default_exp', 'api_objects', 'source_line', 'api_entry',
+           'api_reference_cell', 'write_source_pages', 'stage_notebook', 'list_notebooks', 'stage_site',
+           'stopwatch_font', 'write_stopwatch_fonts', 'recover_folder', 'swap_folder', 'build_docs', 'readme_markdown',
+           'write_readme', 'main']
 
 # %% ../nbs/05_docs.ipynb #b89ae347
 def chapter_name(nb: str | os.PathLike) -> str:
@@ -97,12 +100,49 @@ def _hidden(directives: dict[str, str]) -> bool:
     return "hide" in directives or directives.get("include") == "false"
 
 
-def page_cell(cell: NotebookNode) -> NotebookNode | None:
-    "The cell as the site shows it: directive lines stripped and obeyed, widget outputs dropped; `None` if hidden."
+def widget_outputs(nb: NotebookNode) -> dict[str, list]:
+    "Model id -> the outputs that the Output widgets in that widget's tree captured when `nb` ran (from its saved widget state)."
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+
+    def captured(model_id: str, seen: set) -> list:
+        if model_id in seen or model_id not in state: return []
+        seen.add(model_id)
+        model = state[model_id]
+        outs = list(model.get("state", {}).get("outputs", [])) if model.get("model_name") == "OutputModel" else []
+        for child in model.get("state", {}).get("children", []):
+            if isinstance(child, str) and child.startswith("IPY_MODEL_"): outs += captured(child[len("IPY_MODEL_"):], seen)
+        return outs
+
+    return {model_id: captured(model_id, set()) for model_id in state}
+
+
+def _image_key(output: dict) -> str | None:
+    "The PNG of an output, whitespace removed (to spot the same figure twice), or None."
+    png = output.get("data", {}).get("image/png")
+    return "".join(png).replace("\n", "") if png else None
+
+
+def _page_outputs(outputs: list, captured: dict[str, list]) -> list:
+    "`outputs` with each widget view replaced by what its Output widgets captured (`widget_outputs`), a figure already shown skipped."
+    out, shown = [], {_image_key(o) for o in outputs} - {None}
+    for o in outputs:
+        view = o.get("data", {}).get(_WIDGET_MIME)
+        if view is None:
+            out.append(o)
+            continue
+        for c in captured.get(view.get("model_id"), []):
+            if _image_key(c) in shown: continue
+            shown.add(_image_key(c))
+            out.append(nbformat.from_dict({**c, "metadata": c.get("metadata", {})}))
+    return out
+
+
+def page_cell(cell: NotebookNode, captured: dict[str, list] | None = None) -> NotebookNode | None:
+    "The cell as the site shows it: directive lines stripped and obeyed, widgets replaced by their first state (`captured`, see `widget_outputs`); `None` if hidden."
     if cell.cell_type != "code": return cell
     directives, source = split_directives(cell.source)
     if _hidden(directives): return None
-    outputs = [o for o in cell.get("outputs", []) if _WIDGET_MIME not in o.get("data", {})]
+    outputs = _page_outputs(cell.get("outputs", []), captured or {})
     if not source.strip() and not outputs: return None
     cell = nbformat.from_dict({**cell, "source": source, "outputs": outputs, "metadata": dict(cell.metadata)})
     tags = list(cell.metadata.get("tags", []))
@@ -209,9 +249,10 @@ def stage_notebook(src: str | os.PathLike, results: str | os.PathLike | None = N
     source_nb = nbformat.read(src, as_version=4)
     module = default_exp(source_nb)   # before the cells are filtered: the directive cell is hidden from the page
     nb = nbformat.read(done, as_version=4) if done.exists() else source_nb
+    captured = widget_outputs(nb)     # each widget's first state, shown in its place
     nb.metadata.pop("widgets", None)  # saved widget state makes myst-nb load the widget manager from a CDN
     nb.metadata.setdefault("language_info", {"name": "python", "pygments_lexer": "ipython3"})  # for highlighting
-    nb.cells = [c for c in map(page_cell, nb.cells) if c is not None]
+    nb.cells = [c for c in (page_cell(c, captured) for c in nb.cells) if c is not None]
     chapter = chapter_name(src)
     if not done.exists():
         _insert_after_title(nb, _admonition("warning", "Not executed yet",
@@ -325,6 +366,72 @@ def stage_site(dest: str | os.PathLike, nbs: str | os.PathLike | None = None,
         favicon='html_favicon = "_static/favicon.svg"' if (dest / "_static" / "favicon.svg").exists() else ""),
         encoding="utf-8")
     return ["index", *chapters, "efficiency"]
+
+# %% ../nbs/05_docs.ipynb #b2fbd890
+STOPWATCH_FAMILY = "Paperlab Stopwatch"
+STOPWATCH_CHAR = 0x23F1                      # ⏱
+STOPWATCH_FILES = ("docs_src/paperlab-stopwatch.woff", "lab/custom/paperlab-stopwatch.woff")
+
+
+def _circle(pen, cx: float, cy: float, r: float, clockwise: bool) -> None:
+    "A closed circle of 8 quadratic arcs (off-curve points at r / cos(22.5°)); clockwise for an outline, anticlockwise for a hole."
+    step = -45 if clockwise else 45
+    on = lambda k: (round(cx + r * math.cos(math.radians(k * step))), round(cy + r * math.sin(math.radians(k * step))))
+    ctrl = r / math.cos(math.radians(22.5))
+    off = lambda k: (round(cx + ctrl * math.cos(math.radians((k + 0.5) * step))), round(cy + ctrl * math.sin(math.radians((k + 0.5) * step))))
+    pen.moveTo(on(0))
+    for k in range(8): pen.qCurveTo(off(k), on(k + 1))
+    pen.closePath()
+
+
+def _polygon(pen, points: list[tuple[float, float]]) -> None:
+    "A closed polygon through `points` (clockwise: filled)."
+    pen.moveTo(points[0])
+    for p in points[1:]: pen.lineTo(p)
+    pen.closePath()
+
+
+def stopwatch_font(path: str | os.PathLike, flavor: str | None = "woff") -> Path:
+    "Write a one-glyph font (family STOPWATCH_FAMILY) that draws a stopwatch for U+23F1 to `path` (`flavor` 'woff', or None for TrueType); byte-identical on every run."
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+    width, cx, cy = 602, 301, 300              # DejaVu Sans Mono's advance (1233/2048 em), in units of 1000 per em
+    pen = TTGlyphPen(None)
+    _circle(pen, cx, cy, 272, clockwise=True)  # the case...
+    _circle(pen, cx, cy, 188, clockwise=False) # ...is a ring, thick enough to read at 12 px
+    _polygon(pen, [(cx - 42, 560), (cx - 42, 625), (cx - 110, 625), (cx - 110, 705), (cx + 110, 705), (cx + 110, 625),
+                   (cx + 42, 625), (cx + 42, 560)][::-1])                   # the crown on its stem
+    a = math.radians(45)                        # the button, at 45° on the case
+    ux, uy, vx, vy = math.cos(a), math.sin(a), -math.sin(a), math.cos(a)
+    _polygon(pen, [(round(cx + ux * r + vx * s), round(cy + uy * r + vy * s)) for r, s in ((250, 38), (345, 38), (345, -38), (250, -38))])
+    h = math.radians(60)                        # the hand, from the centre to one o'clock
+    hx, hy, nx, ny = math.cos(h), math.sin(h), -math.sin(h), math.cos(h)
+    _polygon(pen, [(round(cx + hx * r + nx * s), round(cy + hy * r + ny * s)) for r, s in ((-40, 40), (170, 26), (170, -26), (-40, -40))][::-1])
+    glyph = pen.glyph()
+    fb = FontBuilder(1000, isTTF=True)
+    fb.setupGlyphOrder([".notdef", "stopwatch"])
+    fb.setupCharacterMap({STOPWATCH_CHAR: "stopwatch"})
+    fb.setupGlyf({".notdef": TTGlyphPen(None).glyph(), "stopwatch": glyph})
+    glyph.recalcBounds(fb.font["glyf"])
+    fb.setupHorizontalMetrics({".notdef": (width, 0), "stopwatch": (width, glyph.xMin)})
+    fb.setupHorizontalHeader(ascent=800, descent=-200)
+    fb.setupNameTable({"familyName": STOPWATCH_FAMILY, "styleName": "Regular", "version": "Version 1.0",
+                       "psName": STOPWATCH_FAMILY.replace(" ", "") + "-Regular"})
+    fb.setupOS2(sTypoAscender=800, sTypoDescender=-200, sTypoLineGap=0, usWinAscent=800, usWinDescent=200)
+    fb.setupPost()
+    fb.font["head"].created = fb.font["head"].modified = 0   # no build time in the file: the same bytes every run
+    fb.font.recalcTimestamp = False
+    fb.font.flavor = flavor
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fb.font.save(str(path))
+    return path
+
+
+def write_stopwatch_fonts(root: str | os.PathLike | None = None) -> list[Path]:
+    "Rewrite the committed copies of the stopwatch font (STOPWATCH_FILES) under `root` (default: the repository)."
+    root = Path(root) if root is not None else repo_root()
+    return [stopwatch_font(root / f) for f in STOPWATCH_FILES]
 
 # %% ../nbs/05_docs.ipynb #ceed9b95
 def _abs(path: str | os.PathLike) -> Path:

@@ -1011,8 +1011,8 @@ def experiment_claims(ledger: Ledger, rows: Sequence[dict], controls: Sequence[d
                   source=RECONSTRUCTED, no_control_because=_ablation("with the VLM frozen"))
 
 
-def cost_claims(ledger: Ledger, sizes: dict[str, dict], speed: SpeedComparison) -> None:
-    "Add QPT's share of ViT-B/16's image tower (`tower_counts` by model name) against the book's 10 % threshold, and the step-time ratio full / QPT."
+def cost_claims(ledger: Ledger, sizes: dict[str, dict], speed: SpeedComparison, arithmetic: float | None = None) -> None:
+    "Add QPT's share of ViT-B/16's image tower (`tower_counts` by model name) against the book's 10 % threshold, and the step-time ratio full / QPT (with `arithmetic`, the multiply-add ratio of the two steps)."
     if "ViT-B-16" not in sizes: raise ValueError(f"sizes must hold tower_counts of 'ViT-B-16', got {sorted(sizes)}")
     vb16 = sizes["ViT-B-16"]
     note = f"{vb16['query_proj']:,} of {vb16['image']:,} image-tower parameters"
@@ -1022,7 +1022,7 @@ def cost_claims(ledger: Ledger, sizes: dict[str, dict], speed: SpeedComparison) 
                  book_threshold="under 10 % of the image tower (the abstract says only 'minimal training resources')",
                  source="abstract ('minimal training resources') [reconstruction]")
     ledger.speed("efficiency:qpt-vs-full-step", "QPT trains cheaper than full fine-tuning (step time, full / QPT)", 10.0, speed,
-                 source="abstract: ~10x lower training cost than the previous best (MAFT+)", note="per-step cost of the same classifier",
+                 arithmetic=arithmetic, source="abstract: ~10x lower training cost than the previous best (MAFT+)", note="per-step cost of the same classifier",
                  differs="the paper's 10× is SMART's whole training cost against MAFT+'s (another method, schedule and GPUs); "
                          "this is one training step of the same classifier, full fine-tuning against QPT")
 

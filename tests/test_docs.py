@@ -1,6 +1,5 @@
 """The docs build end to end: a tiny book (an executed chapter with a figure, equations and a table; an unexecuted
 chapter) built with Sphinx through the CLI, and the HTML checked as a reader would see it. One build, ~10 s."""
-import os
 import re
 import struct
 import subprocess
@@ -49,6 +48,31 @@ def toy_cells(executed: bool) -> list:
     return cells
 
 
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def widget_chapter(executed: bool):
+    "A chapter whose figure is an ipywidgets `interactive`: run, its first figure sits in the saved state of the widget's Output."
+    import base64
+    cell = code("widgets.interactive(show, board=widgets.IntSlider(0, 0, 9))")
+    nb = nbformat.v4.new_notebook(cells=[md("# Widget chapter"), cell])
+    if executed:
+        fig = {"output_type": "display_data", "metadata": {},
+               "data": {"image/png": base64.b64encode(png(7, 5)).decode(), "text/plain": "<Figure size 640x480>"}}
+        nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"version_major": 2, "version_minor": 0, "state": {
+            "box": {"model_name": "VBoxModel", "model_module": "@jupyter-widgets/controls", "model_module_version": "2.0.0",
+                    "state": {"_dom_classes": ["widget-interact"], "children": ["IPY_MODEL_slider", "IPY_MODEL_out"]}},
+            "slider": {"model_name": "IntSliderModel", "model_module": "@jupyter-widgets/controls", "model_module_version": "2.0.0",
+                       "state": {"value": 0}},
+            "out": {"model_name": "OutputModel", "model_module": "@jupyter-widgets/output", "model_module_version": "1.0.0",
+                    "state": {"outputs": [fig]}}}}}
+        cell.outputs = [nbformat.v4.new_output("execute_result", {WIDGET_MIME: {"version_major": 2, "version_minor": 0,
+                                                                                 "model_id": "box"},
+                                                                   "text/plain": "interactive(children=(IntSlider(...)))"},
+                                               execution_count=1)]
+    return nb
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     "Build the toy book once with `python -m paperlab.docs build`; return the site folder."
@@ -59,6 +83,9 @@ def site(tmp_path_factory):
     write_nb(d / "nbs" / "10_toy.ipynb", toy_cells(executed=False))
     write_nb(d / "results" / "toy" / "10_toy.ipynb", toy_cells(executed=True))
     write_nb(d / "nbs" / "20_todo.ipynb", [md("# Todo chapter"), code("#| export\nanswer = 42")])
+    write_nb(d / "nbs" / "30_widget.ipynb", widget_chapter(executed=False).cells)
+    (d / "results" / "widget").mkdir(parents=True)
+    nbformat.write(widget_chapter(executed=True), d / "results" / "widget" / "30_widget.ipynb")
     out = d / "site"
     (out).mkdir()
     (out / "stale.html").write_text("from the previous build")
@@ -172,3 +199,40 @@ def test_make_lab_settings_silence_the_news_and_start_the_kernel():
     assert o["@jupyterlab/notebook-extension:tracker"]["autoStartDefaultKernel"] is True
     make = (root / "Makefile").read_text()
     assert "lab/overrides.json" in make and "default_url=/lab/tree/index.ipynb" in make
+
+
+def test_a_widget_shows_its_first_state_once(site):
+    "The page shows the figure that the widget drew first (from its saved state), once, and no widget markup or CDN script."
+    page = html(site, "30_widget.html")
+    imgs = re.findall(r'<img [^>]*src="(_images/[^"]+\.png)"', page)
+    assert len(imgs) == 1 and (site / imgs[0]).read_bytes() == png(7, 5), imgs
+    assert "interactive(children" not in page and "widget-view" not in page and "unpkg" not in page
+
+
+def test_stopwatch_font_is_shipped_with_the_site_and_jupyterlab(site):
+    "The committed stopwatch fonts are what `stopwatch_font` builds; both custom.css files load them for U+23F1 only."
+    from fontTools.ttLib import TTFont
+    root = repo_root()
+    for rel in docs.STOPWATCH_FILES:
+        built = docs.stopwatch_font(site.parent / "built.woff")
+        assert (root / rel).read_bytes() == built.read_bytes(), f"{rel} is stale: run paperlab.docs.write_stopwatch_fonts()"
+        css = ((root / rel).parent / "custom.css").read_text()
+        face = re.search(r"@font-face\s*{([^}]*)}", css)
+        assert face and f'"{docs.STOPWATCH_FAMILY}"' in face.group(1) and "unicode-range: U+23F1;" in face.group(1), rel
+        assert f'url("{Path(rel).name}")' in face.group(1), rel
+        assert TTFont(str(root / rel)).getBestCmap() == {0x23F1: "stopwatch"}
+    # the site carries both files, and every page loads the css (font-family first in the theme's stacks)
+    assert (site / "_static" / "paperlab-stopwatch.woff").exists() and "custom.css" in html(site, "10_toy.html")
+    assert f'--pst-font-family-monospace: "{docs.STOPWATCH_FAMILY}"' in (site / "_static" / "custom.css").read_text()
+
+
+def test_make_kernel_installs_the_lab_css_where_make_lab_reads_it():
+    "`make kernel` copies lab/custom/ into the venv's Jupyter config dir; `make lab` starts JupyterLab there with custom_css."
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(["make", "-n", "-C", str(root), "VENV=/v", "-o", "/v/.paperlab-installed", "lab"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "cp lab/custom/* /v/etc/jupyter/custom/" in res.stdout
+    assert 'JUPYTER_CONFIG_DIR="/v/etc/jupyter"' in res.stdout and "--LabApp.custom_css=True" in res.stdout
+    css = (root / "lab" / "custom" / "custom.css").read_text()
+    assert f'--jp-code-font-family: "{docs.STOPWATCH_FAMILY}", var(--jp-code-font-family-default)' in css
