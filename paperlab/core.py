@@ -305,12 +305,23 @@ def compare_speed(baseline: Callable, candidate: Callable, *inputs: Any,
     "Time `baseline(*inputs)` and `candidate(*inputs)` alternately in this process; raw times, paired ratios and their interval."
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    for _ in range(warmup):
-        _time_once(baseline, inputs); _time_once(candidate, inputs)
     tb, tc = [], []
-    for _ in range(repeats):
-        tb.append(_time_once(baseline, inputs)); tc.append(_time_once(candidate, inputs))
+    with _timing_section():
+        for _ in range(warmup):
+            _time_once(baseline, inputs); _time_once(candidate, inputs)
+        for _ in range(repeats):
+            tb.append(_time_once(baseline, inputs)); tc.append(_time_once(candidate, inputs))
     return SpeedComparison(tb, tc)
+
+
+def _timing_section():
+    """The book's timing lock when this process runs under `paperlab reproduce` (which sets `$PAPERLAB_TIMING_LOCK`), so
+    that two chapters run side by side never time at once; no lock (and no file) otherwise."""
+    if not os.environ.get("PAPERLAB_TIMING_LOCK"):
+        import contextlib
+        return contextlib.nullcontext()
+    from paperlab.ledger import timing_lock      # imported here: paperlab.ledger imports paperlab.core
+    return timing_lock()
 
 
 def speed_table(comparisons: dict[str, SpeedComparison]):

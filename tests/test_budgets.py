@@ -114,3 +114,29 @@ def test_a_run_stores_its_wall_cpu_and_lock_wait(tmp_path):
     assert (meta["seconds"], meta["cpu_seconds"], meta["lock_wait_seconds"], meta["budget_seconds"]) == (
         t["wall_s"], t["cpu_s"], t["lock_wait_s"], 60)
     assert cli.stored_times(results)["toy"]["wall_s"] == t["wall_s"]
+
+
+def test_compare_speed_takes_the_timing_lock_under_reproduce(tmp_path, monkeypatch):
+    "Under `paperlab reproduce` ($PAPERLAB_TIMING_LOCK set) compare_speed waits for another chapter's timed section."
+    import fcntl
+    import os
+    import threading
+    import time as _time
+    from paperlab.core import compare_speed
+    lock = tmp_path / ".timing.lock"
+    monkeypatch.setenv("PAPERLAB_TIMING_LOCK", str(lock))
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    threading.Timer(1.0, lambda: os.close(fd)).start()        # the other chapter's timed section ends after 1 s
+    t0 = _time.perf_counter()
+    compare_speed(lambda: None, lambda: None, repeats=2, warmup=0)
+    assert _time.perf_counter() - t0 >= 0.9
+    monkeypatch.delenv("PAPERLAB_TIMING_LOCK")
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)                             # held, but outside reproduce nobody waits for it
+    try:
+        t0 = _time.perf_counter()
+        compare_speed(lambda: None, lambda: None, repeats=2, warmup=0)
+        assert _time.perf_counter() - t0 < 0.5
+    finally:
+        os.close(fd)
