@@ -381,9 +381,7 @@ def widget_chapters() -> dict[str, Path]:
 # chapters that still draw a static copy of the widget's figure, beside it or above it (issue 25): each owner removes it
 # (draw the first state in the widget only, as 14_meepo and 31_sgl do) and then its line here; strict, so a fixed
 # chapter that is still listed fails
-STATIC_COPY = {"09_vlm.ipynb": "show_attention(0, 'small') is drawn and saved above the widget, in its cell",
-               "21_ostr_darts.ipynb": "plot_edge_scores() is drawn and saved above the widget, in its cell",
-               "33_smart.ipynb": "cell 49 draws scene 0, segment 0, the widget's first state, in the cell before it"}
+STATIC_COPY: dict[str, str] = {}   # chapters that still show a static copy of a widget's figure (strict xfail): none now
 
 
 def _static_copy_mark(chapter: str):
