@@ -465,6 +465,9 @@ def lab(tmp_path_factory):
         urllib.request.urlopen(urllib.request.Request(f"{base}/api/shutdown?token={token}", method="POST"), timeout=30)
         assert proc.wait(60) == 0, (tmp / "lab.log").read_text()[-3000:]
         text = (tmp / "lab.log").read_text()
+        # tornado reports a write to a websocket that the closing browser page had already shut as a traceback of an
+        # unretrieved task (WebSocketClosedError): a race of the teardown, not a failure of the book. Any other stays.
+        text = re.sub(r"Task exception was never retrieved\n.*?tornado\.websocket\.WebSocketClosedError\n", "", text, flags=re.S)
         assert "Traceback" not in text, text[-3000:]
     finally:
         if proc.poll() is None:   # a failure before the shutdown: the whole process group (make, the server)
